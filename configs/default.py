@@ -1,0 +1,58 @@
+"""The default job: CSQ on scikit-learn's 8x8 digits with a small CNN.
+
+Runs in a few minutes on 2 CPU cores, with no download. Every knob of the
+paper's recipe is here; override any of them on the command line, e.g.
+``--config.target_bits=2``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # What to train.
+  c.model = "small_cnn"  # see csq_jax/models: small_cnn, resnet20, resnet32, resnet56
+  c.dataset = "digits"  # digits | npz:PATH | tfds:NAME (then set data_dir)
+  c.data_dir = ""  # tfds data_dir holding the prepared data set
+  c.method = "csq"  # csq (mixed precision) | csq_uniform | ste | fp
+  c.seed = 0
+
+  # Quantization (Sec. III). n_bits bit planes per layer; the budget is the
+  # parameter-weighted average precision of the counted layers.
+  c.n_bits = 8
+  c.target_bits = 3.0  # T; for csq_uniform / ste the fixed precision
+  c.reg_strength = 0.01  # lambda of Eq. (7)
+  c.budget_weighting = "params"  # params (paper) | layers (authors' code)
+  c.beta0 = 1.0  # initial gate temperature
+  c.beta_max = 200.0  # temperature reached at the end of each phase
+  c.csq_init = "float"  # float: bit planes of the model's He init; random: random bit logits
+  c.logit_init = 2.0  # magnitude of the initial bit logits
+  c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary
+  # Path rules (regex on the /-joined param path, first full match wins):
+  # (pattern, "quantize" | "float" | "fixed"[, bits]). Unmatched params stay float.
+  c.rules = (
+      (".*shortcut_conv/kernel", "float"),  # 1x1 downsample convs: float, not counted
+      (".*kernel", "quantize"),  # every other conv and dense kernel, first and last included
+  )
+  c.act_bits = 32  # activation precision (A-bits); 32 = float ReLU
+  c.act_quantizer = "pact"  # pact | relu6 | maxabs
+
+  # Optimization (Sec. IV-A): SGD momentum 0.9, cosine learning rate.
+  c.num_epochs = 60
+  c.batch_size = 64
+  c.eval_batch_size = 256
+  c.learning_rate = 0.1
+  c.warmup_epochs = 0
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  # Optional mixed-precision finetune (Alg. 1): masks frozen, beta rewound.
+  c.finetune_epochs = 0
+  c.finetune_learning_rate = 0.01
+
+  # Bookkeeping.
+  c.eval_every = 1  # epochs
+  c.keep_checkpoints = 2
+  c.tensorboard = True
+  c.progress = True
+  c.fp_accuracy = -1.0  # float baseline accuracy for the summary, if known (-1: unknown)
+  return c

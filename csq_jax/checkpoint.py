@@ -1,0 +1,87 @@
+"""Orbax ``CheckpointManager`` wiring: one checkpoint per epoch, resume, and
+refusal of checkpoints that belong to another run.
+
+Each checkpoint holds the train state and a JSON ``meta`` item (model, method,
+data set, bit planes, epochs completed). Restoring checks ``meta`` against the
+current config so that a workdir of another model or method is refused with a
+clear error instead of being silently reinitialized or mis-restored. Saving is
+synchronous: the train step donates its input buffers, and a background save
+must not read buffers that the next step reuses.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Config fields that must agree between a checkpoint and the run resuming it.
+IDENTITY_KEYS = ("model", "method", "dataset", "n_bits")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used by this run; the message says what to do."""
+
+
+def run_identity(config) -> dict[str, Any]:
+  return {k: config[k] for k in IDENTITY_KEYS}
+
+
+def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+  )
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, meta: dict[str, Any]) -> None:
+  """Save after ``epoch`` completed epochs (the checkpoint step is ``epoch``)."""
+  mngr.save(
+      epoch,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True,
+  )
+  mngr.wait_until_finished()
+
+
+def latest_epoch(mngr: ocp.CheckpointManager) -> int | None:
+  return mngr.latest_step()
+
+
+def restore(mngr: ocp.CheckpointManager, epoch: int, template: Any, config) -> tuple[Any, dict]:
+  """Restore the state saved after ``epoch`` epochs into ``template``'s structure.
+
+  Raises:
+    CheckpointError: the checkpoint belongs to another model/method/data set,
+      or is unreadable (corrupt, truncated, from an incompatible version).
+  """
+  directory = mngr.directory
+  try:
+    meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:
+    raise CheckpointError(
+        f"Checkpoint {epoch} in {directory} is unreadable ({type(e).__name__}: {e}). Delete that"
+        " step's folder to resume from an earlier one, or use a new --workdir."
+    ) from e
+  expected = run_identity(config)
+  found = {k: meta.get(k) for k in IDENTITY_KEYS}
+  if found != expected:
+    diff = {k: (found[k], expected[k]) for k in IDENTITY_KEYS if found[k] != expected[k]}
+    raise CheckpointError(
+        f"The workdir's checkpoints belong to another run: {diff} (checkpoint vs config)."
+        " Use a new --workdir, or run with the checkpoint's settings to resume it."
+    )
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+  try:
+    restored = mngr.restore(
+        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )["state"]
+  except Exception as e:
+    raise CheckpointError(
+        f"Checkpoint {epoch} in {directory} does not fit this run's state ({type(e).__name__}: {e})."
+        " It is corrupt or was written by an incompatible config; delete that step's folder"
+        " or use a new --workdir."
+    ) from e
+  return restored, meta

@@ -1,0 +1,30 @@
+"""Entry point: ``python -m csq_jax.main --config=configs/default.py --workdir=DIR``.
+
+Any config field can be overridden, e.g. ``--config.target_bits=2``. A run
+resumes from the latest checkpoint in ``DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from csq_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  brief = {k: summary[k] for k in ("method", "model", "dataset", "target_bits", "avg_bits", "compression", "test_accuracy")}
+  print(json.dumps(brief))
+
+
+if __name__ == "__main__":
+  app.run(main)

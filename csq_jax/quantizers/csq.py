@@ -1,0 +1,203 @@
+"""CSQ: bi-level continuous sparsification of bit planes (Xiao et al.).
+
+A weight tensor is the signed sum of ``n`` relaxed bit planes, each weighted by
+its constant place value ``2^b`` and by a relaxed per-layer bit-selection gate:
+
+    W = s / (2^n - 1) * sum_b (f(m_p^b) - f(m_n^b)) * 2^b * f(m_B^b)    (Eq. 5)
+
+with ``f = f_beta`` the temperature sigmoid (Eq. 2). Freezing the selection to
+``I(m_B >= 0)`` gives Eq. (4), used by the mixed-precision finetune of Alg. 1;
+dropping it gives Eq. (3), CSQ-Uniform. With every gate a unit step the weight
+is exactly ``s / (2^n - 1)`` times a signed integer built from the selected
+bits, so the trained model is exactly quantized without any rounding.
+
+Unlike the authors' PyTorch code the place values are constants, not trainable
+parameters that weight decay shrinks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from csq_jax import gates
+
+MaskMode = Literal["learned", "frozen", "none"]
+MASK_MODES = ("learned", "frozen", "none")
+
+
+@struct.dataclass
+class CSQWeight:
+  """Bit-level parameters of one weight tensor.
+
+  Attributes:
+    pos_logits: ``m_p``, shape ``[n_bits, *kernel_shape]``; bit ``b`` of the
+      positive part is ``f_beta(m_p[b])``.
+    neg_logits: ``m_n``, same shape, the negative part.
+    mask_logits: ``m_B``, shape ``[n_bits]``; bit ``b`` is used by the layer
+      when ``m_B[b] >= 0``.
+    scale: ``s``, a scalar; the largest representable magnitude.
+    mask_mode: ``"learned"`` (Eq. 5), ``"frozen"`` (Eq. 4: the selection is
+      ``I(m_B >= 0)`` and receives no gradient) or ``"none"`` (Eq. 3: every bit
+      is used). Static, so changing it re-traces the step.
+  """
+
+  pos_logits: jax.Array
+  neg_logits: jax.Array
+  mask_logits: jax.Array
+  scale: jax.Array
+  mask_mode: MaskMode = struct.field(pytree_node=False, default="learned")
+
+  @property
+  def n_bits(self) -> int:
+    return self.pos_logits.shape[0]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.pos_logits.shape[1:])
+
+  @property
+  def num_weights(self) -> int:
+    return int(np.prod(self.shape))
+
+
+def place_values(n_bits: int, dtype=jnp.float32) -> jax.Array:
+  """Constant place values ``2^b`` for ``b = 0..n_bits-1``."""
+  return jnp.asarray(2.0 ** np.arange(n_bits), dtype)
+
+
+def bit_selection(w: CSQWeight, beta, hard: bool = False) -> jax.Array:
+  """Gate of each bit plane, shape ``[n_bits]``: ``f_beta(m_B)`` (Eq. 5),
+  ``I(m_B >= 0)`` without gradient (Eq. 4), or ones (Eq. 3)."""
+  if w.mask_mode == "none":
+    return jnp.ones_like(w.mask_logits)
+  if w.mask_mode == "frozen":
+    return gates.hard_gate(jax.lax.stop_gradient(w.mask_logits))
+  return gates.gate(w.mask_logits, beta, hard)
+
+
+def materialize(w: CSQWeight, beta, hard: bool = False) -> jax.Array:
+  """The weight tensor of Eqs. (3)-(5); with ``hard`` every gate is a unit step.
+
+  Args:
+    w: the layer's bit-level parameters.
+    beta: gate temperature (ignored when ``hard``).
+    hard: use ``I(x >= 0)`` for every gate, giving an exactly quantized weight.
+
+  Returns:
+    The weight, shape ``w.shape``, dtype of the logits.
+  """
+  n = w.n_bits
+  bits = gates.gate(w.pos_logits, beta, hard) - gates.gate(w.neg_logits, beta, hard)
+  coeff = place_values(n, bits.dtype) * bit_selection(w, beta, hard)
+  # One contraction over the bit axis: no [n_bits, ...] product is kept.
+  integer_like = jnp.tensordot(coeff, bits, axes=1)
+  return (w.scale / (2.0**n - 1.0)) * integer_like
+
+
+def integer_weights(w: CSQWeight) -> jax.Array:
+  """Signed integers ``q`` of the hard-quantized weight ``W = s/(2^n-1) * q``.
+
+  Each ``q`` is a sum of ``d_b 2^b`` over the selected bits with digits
+  ``d_b`` in ``{-1, 0, 1}``, so ``|q| <= sum of the selected place values``.
+  """
+  digits = (gates.hard_gate(w.pos_logits) - gates.hard_gate(w.neg_logits)).astype(jnp.int32)
+  mask = bit_selection(w, None, hard=True).astype(jnp.int32)
+  places = (2 ** jnp.arange(w.n_bits, dtype=jnp.int32)) * mask
+  return jnp.tensordot(places, digits, axes=1)
+
+
+def precision(w: CSQWeight) -> jax.Array:
+  """Bits the layer uses: ``sum_b I(m_B^b >= 0)`` (Sec. III-B), an int32 scalar."""
+  if w.mask_mode == "none":
+    return jnp.asarray(w.n_bits, jnp.int32)
+  return jnp.sum(w.mask_logits >= 0).astype(jnp.int32)
+
+
+def mask_regularizer(w: CSQWeight, beta) -> jax.Array:
+  """``R(m_B) = sum_b f_beta(m_B^b)`` (Eq. 6); zero unless the mask is learned."""
+  if w.mask_mode != "learned":
+    return jnp.zeros((), w.mask_logits.dtype)
+  return jnp.sum(gates.soft_gate(w.mask_logits, beta))
+
+
+def init_from_float(
+    kernel: jax.Array,
+    n_bits: int = 8,
+    logit_init: float = 2.0,
+    mask_mode: MaskMode = "learned",
+) -> CSQWeight:
+  """Bit planes of the ``n_bits`` symmetric linear quantization of ``kernel``.
+
+  ``s = max|W|`` and ``q = round(|W| (2^n - 1) / s)``; bit ``b`` of ``q`` set
+  gives logit ``+logit_init`` in the plane of the weight's sign and
+  ``-logit_init`` elsewhere, so the hard materialization equals the rounded
+  kernel exactly and the soft one at temperature beta equals it times
+  ``tanh(beta * logit_init / 2)`` times the mask gate. Mask logits start at 0:
+  every bit is on (``I(0 >= 0) = 1``), as in the authors' code.
+  """
+  _check_mode(mask_mode)
+  kernel = jnp.asarray(kernel, jnp.float32)
+  levels = 2.0**n_bits - 1.0
+  scale = jnp.max(jnp.abs(kernel))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  q = jnp.round(jnp.abs(kernel) / scale * levels).astype(jnp.int32)
+  bits = (q[None] >> jnp.arange(n_bits).reshape((-1,) + (1,) * kernel.ndim)) & 1
+  on = jnp.where(bits == 1, logit_init, -logit_init)
+  off = jnp.full_like(on, -logit_init, dtype=jnp.float32)
+  positive = (kernel >= 0)[None]
+  return CSQWeight(
+      pos_logits=jnp.where(positive, on, off),
+      neg_logits=jnp.where(positive, off, on),
+      mask_logits=jnp.zeros((n_bits,), jnp.float32),
+      scale=scale.astype(jnp.float32),
+      mask_mode=mask_mode,
+  )
+
+
+def init_random(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    fan_in: int,
+    n_bits: int = 8,
+    logit_init: float = 2.0,
+    mask_mode: MaskMode = "learned",
+) -> CSQWeight:
+  """Training from scratch: independent random bit logits.
+
+  Every logit of ``m_p`` and ``m_n`` is drawn from ``U(-logit_init,
+  logit_init)``; the scale is then set so that the soft weight at ``beta = 1``
+  has the He-normal standard deviation ``sqrt(2 / fan_in)``.
+  """
+  _check_mode(mask_mode)
+  kp, kn = jax.random.split(key)
+  full = (n_bits,) + tuple(shape)
+  pos = jax.random.uniform(kp, full, jnp.float32, -logit_init, logit_init)
+  neg = jax.random.uniform(kn, full, jnp.float32, -logit_init, logit_init)
+  w = CSQWeight(pos, neg, jnp.zeros((n_bits,), jnp.float32), jnp.ones((), jnp.float32), mask_mode)
+  std = jnp.std(materialize(w, 1.0))
+  scale = jnp.sqrt(2.0 / fan_in) / jnp.maximum(std, 1e-12)
+  return w.replace(scale=scale)
+
+
+def with_mask_mode(w: CSQWeight, mask_mode: MaskMode) -> CSQWeight:
+  """The same parameters under another bit-selection mode (e.g. Alg. 1's finetune)."""
+  _check_mode(mask_mode)
+  return w.replace(mask_mode=mask_mode)
+
+
+def _check_mode(mask_mode: str) -> None:
+  if mask_mode not in MASK_MODES:
+    raise ValueError(f"Unknown CSQ mask_mode {mask_mode!r}; expected one of {MASK_MODES}.")
+
+
+def check_shapes(w: CSQWeight) -> None:
+  """Assert the documented shapes (``m_p``/``m_n`` alike, ``m_B`` ``[n_bits]``)."""
+  chex.assert_equal_shape([w.pos_logits, w.neg_logits])
+  chex.assert_shape(w.mask_logits, (w.n_bits,))
+  chex.assert_shape(w.scale, ())

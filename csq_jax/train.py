@@ -1,0 +1,332 @@
+"""Training: state, pure jitted steps, and the CSQ loop of Algorithm 1.
+
+Phase 1 trains every quantizer parameter with the budget-aware objective of
+Eq. (7) while the gate temperature grows as ``beta0 * beta_max^(t/T)``.
+Phase 2 (``finetune_epochs > 0``) freezes each layer's bit selection to
+``I(m_B >= 0)`` (Eq. 4), rewinds beta and trains the selected bits and the
+scale with the task loss alone. The final model is evaluated with every gate
+a unit step, i.e. exactly quantized.
+
+The model never holds quantized weights: ``train_step`` materializes them from
+the quantizer parameters (``transform.materialize``) and hands them to a plain
+``model.apply``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from csq_jax import budget, checkpoint, data, gates, metric_writers, models, report, transform
+from csq_jax.quantizers import activations
+from csq_jax.quantizers.csq import CSQWeight
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything that changes during training (checkpointed as one pytree)."""
+
+  step: jax.Array  # step within the current phase
+  params: Any  # quantizer parameters + float parameters (see transform.py)
+  batch_stats: Any
+  opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------
+# Config checks
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raise one clear ``ValueError`` for a config that cannot run."""
+  if config.model not in models.MODELS:
+    raise ValueError(f"Unknown model {config.model!r}; expected one of {sorted(models.MODELS)}.")
+  if config.method not in transform.METHODS:
+    raise ValueError(f"Unknown method {config.method!r}; expected one of {transform.METHODS}.")
+  if not 1 <= config.n_bits <= 16:
+    raise ValueError(f"n_bits must be in 1..16, got {config.n_bits}.")
+  if config.method == "csq" and not 1 <= config.target_bits <= config.n_bits:
+    raise ValueError(
+        f"target_bits={config.target_bits} is impossible with n_bits={config.n_bits} bit planes:"
+        f" choose a target in [1, {config.n_bits}] (or raise n_bits)."
+    )
+  if config.budget_weighting not in budget.WEIGHTINGS:
+    raise ValueError(f"Unknown budget_weighting {config.budget_weighting!r}; expected one of {budget.WEIGHTINGS}.")
+  if config.act_bits != 32 and config.act_quantizer not in activations.ACTIVATIONS:
+    raise ValueError(f"Unknown act_quantizer {config.act_quantizer!r}; expected one of {activations.ACTIVATIONS}.")
+  if config.num_epochs < 1 or config.finetune_epochs < 0:
+    raise ValueError("num_epochs must be >= 1 and finetune_epochs >= 0.")
+  if config.batch_size < 1 or config.learning_rate <= 0:
+    raise ValueError("batch_size and learning_rate must be positive.")
+  transform.rules_from_config(config.rules)  # raises on bad actions/regexes
+  transform.QuantizeSpec(config.method, config.n_bits, config.csq_init, config.logit_init)
+
+
+def uniform_bits(config) -> int:
+  """Bits of the fixed-precision methods (CSQ-Uniform, STE): the target."""
+  return int(round(config.target_bits))
+
+
+def quantize_spec(config) -> transform.QuantizeSpec:
+  n_bits = config.n_bits if config.method == "csq" else uniform_bits(config)
+  return transform.QuantizeSpec(config.method, n_bits, config.csq_init, config.logit_init)
+
+
+# ----------------------------------------------------------------------------
+# State and optimizer
+
+
+def decay_mask(params: Any, decay_mask_logits: bool) -> Any:
+  """Which leaves weight decay applies to: all but (by default) the CSQ bit
+  mask logits, whose decay would pull every selection toward the 0 boundary."""
+
+  def leaf_mask(x):
+    if isinstance(x, CSQWeight):
+      return CSQWeight(True, True, decay_mask_logits, True, x.mask_mode)
+    return jax.tree_util.tree_map(lambda _: True, x)
+
+  return jax.tree_util.tree_map(leaf_mask, params, is_leaf=transform.is_leaf)
+
+
+def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum and coupled weight decay (PyTorch's SGD ``weight_decay``)."""
+  return optax.chain(
+      optax.masked(
+          optax.add_decayed_weights(config.weight_decay),
+          functools.partial(decay_mask, decay_mask_logits=config.decay_mask_logits),
+      ),
+      optax.sgd(lr_schedule, momentum=config.momentum),
+  )
+
+
+def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0) -> optax.Schedule:
+  """Cosine annealing over the phase, with optional linear warm-up."""
+  total = max(epochs * steps_per_epoch, 1)
+  warmup = int(warmup_epochs * steps_per_epoch)
+  if warmup > 0:
+    return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup, total)
+  return optax.cosine_decay_schedule(base_lr, total)
+
+
+@dataclasses.dataclass
+class Phase:
+  """One phase of Alg. 1: its epochs, schedules and optimizer."""
+
+  name: str  # "csq" (phase 1) or "finetune"
+  epochs: int
+  beta: optax.Schedule
+  lr: optax.Schedule
+  tx: optax.GradientTransformation
+  penalty: bool  # whether Eq. (7)'s budget term is on
+
+
+def make_phases(config, steps_per_epoch: int) -> list[Phase]:
+  phases = []
+  spec = [("csq", config.num_epochs, config.learning_rate, config.warmup_epochs, config.method == "csq")]
+  if config.finetune_epochs > 0:
+    spec.append(("finetune", config.finetune_epochs, config.finetune_learning_rate, 0, False))
+  for name, epochs, lr, warmup, penalty in spec:
+    total = epochs * steps_per_epoch
+    lr_fn = lr_schedule(lr, epochs, steps_per_epoch, warmup)
+    phases.append(Phase(name, epochs, gates.beta_schedule(total, config.beta0, config.beta_max), lr_fn,
+                        make_optimizer(config, lr_fn), penalty))
+  return phases
+
+
+def create_model(config, num_classes: int):
+  act = activations.activation_factory(config.act_quantizer, config.act_bits)
+  return models.create_model(config.model, num_classes, act)
+
+
+def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
+  """Float init of the model, quantized by the config's rules."""
+  init_key, q_key = jax.random.split(key)
+  variables = model.init(init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  qparams, report_ = transform.quantize_params(
+      variables["params"], transform.rules_from_config(config.rules), quantize_spec(config), q_key
+  )
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=qparams,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=phase.tx.init(qparams),
+  )
+  return state, report_
+
+
+def start_finetune(state: TrainState, phase: Phase) -> TrainState:
+  """Alg. 1's second phase: freeze the bit selection, fresh optimizer, beta rewound (step 0)."""
+  params = transform.set_mask_mode(state.params, "frozen")
+  return TrainState(jnp.zeros((), jnp.int32), params, state.batch_stats, phase.tx.init(params))
+
+
+# ----------------------------------------------------------------------------
+# Steps
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_train_step(model, phase: Phase, config) -> Callable:
+  """``(state, batch) -> (state, metrics)``, jitted with the state donated."""
+  target = float(config.target_bits)
+  strength = float(config.reg_strength)
+  weighting = config.budget_weighting
+
+  def train_step(state: TrainState, batch):
+    beta = phase.beta(state.step)
+
+    def loss_fn(params):
+      weights = transform.materialize(params, beta)
+      logits, updates = model.apply(
+          {"params": weights, "batch_stats": state.batch_stats}, batch["image"], train=True,
+          mutable=["batch_stats"],
+      )
+      ce = jnp.mean(cross_entropy(logits, batch["label"]))
+      if phase.penalty:
+        penalty, delta_s = budget.budget_penalty(params, beta, target, strength, weighting)
+      else:
+        penalty, delta_s = jnp.zeros(()), jnp.zeros(())
+      aux = dict(logits=logits, batch_stats=updates["batch_stats"], ce=ce, penalty=penalty, delta_s=delta_s)
+      return ce + penalty, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = phase.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(state.step + 1, params, aux["batch_stats"], opt_state)
+    metrics = dict(
+        loss=loss, ce=aux["ce"], penalty=aux["penalty"], delta_s=aux["delta_s"],
+        accuracy=jnp.mean(jnp.argmax(aux["logits"], -1) == batch["label"]),
+        beta=beta, lr=phase.lr(state.step),
+    )
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model, hard: bool = True) -> Callable:
+  """``(params, batch_stats, batch, beta) -> (correct, loss_sum, count)``;
+  with ``hard`` every gate is a unit step (the exactly quantized model)."""
+
+  @jax.jit
+  def eval_step(params, batch_stats, batch, beta):
+    weights = transform.materialize(params, beta, hard=hard)
+    logits = model.apply({"params": weights, "batch_stats": batch_stats}, batch["image"], train=False)
+    mask = batch["mask"]
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask)
+    loss = jnp.sum(cross_entropy(logits, batch["label"]) * mask)
+    return correct, loss, jnp.sum(mask)
+
+  return eval_step
+
+
+def evaluate(eval_step, state: TrainState, ds: data.Dataset, batch_size: int, beta=1.0):
+  """``(accuracy, mean loss)`` over the whole test split."""
+  totals = np.zeros(3)
+  for batch in data.eval_batches(ds, batch_size):
+    totals += np.asarray(jax.device_get(eval_step(state.params, state.batch_stats, batch, beta)))
+  correct, loss, n = totals
+  return correct / n, loss / n
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def _phase_of(epoch: int, phases: list[Phase]) -> tuple[int, int]:
+  """``(phase index, epoch within phase)`` of global epoch ``epoch``."""
+  for i, p in enumerate(phases):
+    if epoch < p.epochs:
+      return i, epoch
+    epoch -= p.epochs
+  raise IndexError(epoch)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Run the configured experiment in ``workdir``, resuming from its latest
+  checkpoint, and return the summary (also written to ``workdir/summary.json``)."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  ds = data.load_dataset(config)
+  spe = data.steps_per_epoch(ds, config.batch_size)
+  if spe == 0:
+    raise data.DataError(f"{ds.name}: batch_size {config.batch_size} exceeds the {ds.num_train} training examples.")
+  phases = make_phases(config, spe)
+  total_epochs = sum(p.epochs for p in phases)
+  model = create_model(config, ds.num_classes)
+  state, rules_report = init_state(config, model, ds.image_shape, phases[0], jax.random.key(config.seed))
+  identity = checkpoint.run_identity(config)
+
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  writer = metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard)
+  done = checkpoint.latest_epoch(mngr) or 0
+  if done:
+    if done > phases[0].epochs:  # the checkpoint is of the finetune phase: frozen masks
+      state = start_finetune(state, phases[1])
+    state, _ = checkpoint.restore(mngr, done, state, config)
+    logging.info("Resumed from %s after epoch %d.", mngr.directory, done)
+  writer.truncate(done)
+
+  eval_step = make_eval_step(model, hard=True)
+  steps = [make_train_step(model, p, config) for p in phases]
+  for epoch in range(done, total_epochs):
+    pi, pe = _phase_of(epoch, phases)
+    phase = phases[pi]
+    if pi > 0 and pe == 0:
+      state = start_finetune(state, phase)
+    t0 = time.perf_counter()
+    per_step = []
+    with _progress(spe, f"{phase.name} epoch {epoch + 1}/{total_epochs}", config.progress) as bar:
+      for batch in data.train_batches(ds, config.batch_size, config.seed, epoch):
+        state, m = steps[pi](state, batch)
+        per_step.append(m)
+        bar.update(1)
+    train = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *per_step))
+    epoch_time = time.perf_counter() - t0
+    if not math.isfinite(float(train["loss"])):
+      raise NonFiniteLossError(
+          f"The training loss became {float(train['loss'])} in epoch {epoch + 1} ({phase.name} steps"
+          f" up to {int(state.step)}). Nothing of this epoch was saved; the last good checkpoint"
+          f" (epoch {done}) in {mngr.directory} is kept. Lower learning_rate or reg_strength and rerun."
+      )
+    metrics = {f"train_{k}": v for k, v in train.items()}
+    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == total_epochs:
+      metrics["test_accuracy"], metrics["test_loss"] = evaluate(eval_step, state, ds, config.eval_batch_size)
+    metrics.update(
+        phase=phase.name, beta=float(phase.beta(state.step)),
+        avg_bits=float(budget.average_bits(state.params, "params")),
+        model_size_bits=float(budget.model_size_bits(state.params)),
+        compression=float(budget.compression(state.params)),
+        epoch_time_s=epoch_time,
+    )
+    writer.write(epoch + 1, metrics)
+    checkpoint.save(mngr, epoch + 1, state, {**identity, "epoch": epoch + 1})
+    done = epoch + 1
+  writer.close()
+
+  accuracy, loss = evaluate(eval_step, state, ds, config.eval_batch_size)
+  summary = report.make_summary(config, ds, model, state, accuracy, loss, rules_report)
+  report.write_outputs(workdir, summary)
+  mngr.close()
+  return summary
