@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.csq_init = "float"  # float: bit planes of the model's He init; random: random bit logits
   c.logit_init = 2.0  # magnitude of the initial bit logits
   c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary
+  c.mask_momentum = 0.9  # SGD momentum of the mask logits
   # Path rules (regex on the /-joined param path, first full match wins):
   # (pattern, "quantize" | "float" | "fixed"[, bits]). Unmatched params stay float.
   c.rules = (
@@ -48,8 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Optional mixed-precision finetune (Alg. 1): masks frozen, beta rewound.
   c.finetune_epochs = 0
   c.finetune_learning_rate = 0.01
+  c.finetune_beta0 = 1.0  # Alg. 1 rewinds beta to beta0 ...
+  c.finetune_beta_max = 200.0  # ... and grows it again by this factor
 
   # Bookkeeping.
+  c.eval_soft = True  # also evaluate with soft gates (the gap to the hard model)
   c.eval_every = 1  # epochs
   c.keep_checkpoints = 2
   c.tensorboard = True

@@ -7,11 +7,14 @@ resumes from the latest checkpoint in ``DIR``.
 from __future__ import annotations
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from csq_jax import train
+from csq_jax import checkpoint, data, train
+
+USER_ERRORS = (train.ConfigError, data.DataError, checkpoint.CheckpointError, train.NonFiniteLossError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -21,7 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    # Bad input: one line that says what to do, no traceback.
+    sys.exit(f"csq_jax: error: {e}")
   brief = {k: summary[k] for k in ("method", "model", "dataset", "target_bits", "avg_bits", "compression", "test_accuracy")}
   print(json.dumps(brief))
 

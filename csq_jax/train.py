@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -47,33 +48,40 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 
+class ConfigError(ValueError):
+  """A config value that cannot run; the message says what to choose instead."""
+
+
 # ----------------------------------------------------------------------------
 # Config checks
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raise one clear ``ValueError`` for a config that cannot run."""
+  """Raise one clear ``ConfigError`` for a config that cannot run."""
   if config.model not in models.MODELS:
-    raise ValueError(f"Unknown model {config.model!r}; expected one of {sorted(models.MODELS)}.")
+    raise ConfigError(f"Unknown model {config.model!r}; expected one of {sorted(models.MODELS)}.")
   if config.method not in transform.METHODS:
-    raise ValueError(f"Unknown method {config.method!r}; expected one of {transform.METHODS}.")
+    raise ConfigError(f"Unknown method {config.method!r}; expected one of {transform.METHODS}.")
   if not 1 <= config.n_bits <= 16:
-    raise ValueError(f"n_bits must be in 1..16, got {config.n_bits}.")
+    raise ConfigError(f"n_bits must be in 1..16, got {config.n_bits}.")
   if config.method == "csq" and not 1 <= config.target_bits <= config.n_bits:
-    raise ValueError(
+    raise ConfigError(
         f"target_bits={config.target_bits} is impossible with n_bits={config.n_bits} bit planes:"
         f" choose a target in [1, {config.n_bits}] (or raise n_bits)."
     )
   if config.budget_weighting not in budget.WEIGHTINGS:
-    raise ValueError(f"Unknown budget_weighting {config.budget_weighting!r}; expected one of {budget.WEIGHTINGS}.")
+    raise ConfigError(f"Unknown budget_weighting {config.budget_weighting!r}; expected one of {budget.WEIGHTINGS}.")
   if config.act_bits != 32 and config.act_quantizer not in activations.ACTIVATIONS:
-    raise ValueError(f"Unknown act_quantizer {config.act_quantizer!r}; expected one of {activations.ACTIVATIONS}.")
+    raise ConfigError(f"Unknown act_quantizer {config.act_quantizer!r}; expected one of {activations.ACTIVATIONS}.")
   if config.num_epochs < 1 or config.finetune_epochs < 0:
-    raise ValueError("num_epochs must be >= 1 and finetune_epochs >= 0.")
+    raise ConfigError("num_epochs must be >= 1 and finetune_epochs >= 0.")
   if config.batch_size < 1 or config.learning_rate <= 0:
-    raise ValueError("batch_size and learning_rate must be positive.")
-  transform.rules_from_config(config.rules)  # raises on bad actions/regexes
-  transform.QuantizeSpec(config.method, config.n_bits, config.csq_init, config.logit_init)
+    raise ConfigError("batch_size and learning_rate must be positive.")
+  try:
+    transform.rules_from_config(config.rules)
+    transform.QuantizeSpec(config.method, config.n_bits, config.csq_init, config.logit_init)
+  except (ValueError, TypeError, re.error) as e:
+    raise ConfigError(str(e)) from e
 
 
 def uniform_bits(config) -> int:
@@ -90,26 +98,36 @@ def quantize_spec(config) -> transform.QuantizeSpec:
 # State and optimizer
 
 
-def decay_mask(params: Any, decay_mask_logits: bool) -> Any:
-  """Which leaves weight decay applies to: all but (by default) the CSQ bit
-  mask logits, whose decay would pull every selection toward the 0 boundary."""
+def param_labels(params: Any) -> Any:
+  """``"mask"`` for CSQ bit-mask logits, ``"weights"`` for every other leaf."""
 
-  def leaf_mask(x):
+  def leaf_labels(x):
     if isinstance(x, CSQWeight):
-      return CSQWeight(True, True, decay_mask_logits, True, x.mask_mode)
-    return jax.tree_util.tree_map(lambda _: True, x)
+      return CSQWeight("weights", "weights", "mask", "weights", x.mask_mode)
+    return jax.tree_util.tree_map(lambda _: "weights", x)
 
-  return jax.tree_util.tree_map(leaf_mask, params, is_leaf=transform.is_leaf)
+  return jax.tree_util.tree_map(leaf_labels, params, is_leaf=transform.is_leaf)
 
 
 def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum and coupled weight decay (PyTorch's SGD ``weight_decay``)."""
-  return optax.chain(
-      optax.masked(
-          optax.add_decayed_weights(config.weight_decay),
-          functools.partial(decay_mask, decay_mask_logits=config.decay_mask_logits),
-      ),
-      optax.sgd(lr_schedule, momentum=config.momentum),
+  """SGD with coupled weight decay (PyTorch's SGD ``weight_decay``).
+
+  The bit-mask logits get their own momentum (``mask_momentum``) and no weight
+  decay unless ``decay_mask_logits``: the budget term acts on them like a
+  bang-bang controller (its sign flips with Delta_S), and heavy momentum
+  carries many masks past the target after each flip.
+  """
+
+  def sgd(momentum, decay):
+    parts = [optax.add_decayed_weights(config.weight_decay)] if decay and config.weight_decay else []
+    return optax.chain(*parts, optax.sgd(lr_schedule, momentum=momentum or None))
+
+  return optax.multi_transform(
+      {
+          "weights": sgd(config.momentum, True),
+          "mask": sgd(config.mask_momentum, config.decay_mask_logits),
+      },
+      param_labels,
   )
 
 
@@ -136,13 +154,15 @@ class Phase:
 
 def make_phases(config, steps_per_epoch: int) -> list[Phase]:
   phases = []
-  spec = [("csq", config.num_epochs, config.learning_rate, config.warmup_epochs, config.method == "csq")]
+  spec = [("csq", config.num_epochs, config.learning_rate, config.warmup_epochs,
+           config.beta0, config.beta_max, config.method == "csq")]
   if config.finetune_epochs > 0:
-    spec.append(("finetune", config.finetune_epochs, config.finetune_learning_rate, 0, False))
-  for name, epochs, lr, warmup, penalty in spec:
+    spec.append(("finetune", config.finetune_epochs, config.finetune_learning_rate, 0,
+                 config.finetune_beta0, config.finetune_beta_max, False))
+  for name, epochs, lr, warmup, beta0, beta_max, penalty in spec:
     total = epochs * steps_per_epoch
     lr_fn = lr_schedule(lr, epochs, steps_per_epoch, warmup)
-    phases.append(Phase(name, epochs, gates.beta_schedule(total, config.beta0, config.beta_max), lr_fn,
+    phases.append(Phase(name, epochs, gates.beta_schedule(total, beta0, beta_max), lr_fn,
                         make_optimizer(config, lr_fn), penalty))
   return phases
 
@@ -219,7 +239,7 @@ def make_train_step(model, phase: Phase, config) -> Callable:
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(model, hard: bool = True) -> Callable:
+def make_eval_step(model, hard: bool) -> Callable:
   """``(params, batch_stats, batch, beta) -> (correct, loss_sum, count)``;
   with ``hard`` every gate is a unit step (the exactly quantized model)."""
 
@@ -288,7 +308,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resumed from %s after epoch %d.", mngr.directory, done)
   writer.truncate(done)
 
-  eval_step = make_eval_step(model, hard=True)
+  eval_hard = make_eval_step(model, hard=True)
+  eval_soft = make_eval_step(model, hard=False)
   steps = [make_train_step(model, p, config) for p in phases]
   for epoch in range(done, total_epochs):
     pi, pe = _phase_of(epoch, phases)
@@ -312,7 +333,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       )
     metrics = {f"train_{k}": v for k, v in train.items()}
     if (epoch + 1) % config.eval_every == 0 or epoch + 1 == total_epochs:
-      metrics["test_accuracy"], metrics["test_loss"] = evaluate(eval_step, state, ds, config.eval_batch_size)
+      metrics["test_accuracy"], metrics["test_loss"] = evaluate(eval_hard, state, ds, config.eval_batch_size)
+      if config.eval_soft:  # the model as trained, gates at the current temperature
+        beta = phase.beta(state.step)
+        metrics["test_accuracy_soft"], _ = evaluate(eval_soft, state, ds, config.eval_batch_size, beta)
     metrics.update(
         phase=phase.name, beta=float(phase.beta(state.step)),
         avg_bits=float(budget.average_bits(state.params, "params")),
@@ -325,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     done = epoch + 1
   writer.close()
 
-  accuracy, loss = evaluate(eval_step, state, ds, config.eval_batch_size)
+  accuracy, loss = evaluate(eval_hard, state, ds, config.eval_batch_size)
   summary = report.make_summary(config, ds, model, state, accuracy, loss, rules_report)
   report.write_outputs(workdir, summary)
   mngr.close()

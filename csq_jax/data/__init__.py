@@ -189,17 +189,16 @@ def load_tfds_dataset(name: str, data_dir: str | None, train_split="train", test
   if not data_dir:
     raise DataError(f"dataset 'tfds:{name}' needs config.data_dir, the folder that holds the prepared data.")
   how = f"Prepare it once with: {prepare_command(name, data_dir)}"
-  builder_dir = os.path.join(data_dir, name)
-  if not os.path.isdir(builder_dir):
-    raise DataError(f"No prepared {name!r} in data_dir {data_dir!r}. {how}")
   try:
     sources = {
         split: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         for split in (train_split, test_split)
     }
-  except NotImplementedError as e:  # prepared as TFRecord: no random access.
-    raise DataError(f"{name!r} in {data_dir!r} is not in the ArrayRecord format. {how}") from e
   except Exception as e:
+    if not os.path.isdir(os.path.join(data_dir, name)):
+      raise DataError(f"No prepared {name!r} in data_dir {data_dir!r}. {how}") from e
+    if isinstance(e, NotImplementedError):  # prepared as TFRecord: no random access.
+      raise DataError(f"{name!r} in {data_dir!r} is not in the ArrayRecord format. {how}") from e
     raise DataError(f"Could not read {name!r} from {data_dir!r} ({e}). {how}") from e
   train = sources[train_split]
   info = train.dataset_info

@@ -1,0 +1,201 @@
+"""End-to-end tests of the training loop: budgets, phases, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config
+from csq_jax import budget, checkpoint, data, quantizers, train, transform
+
+
+def _leaves_equal(a, b):
+  chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("model", "resnet99", "Unknown model"),
+        ("method", "hawq", "Unknown method"),
+        ("target_bits", 0.5, "impossible"),
+        ("target_bits", 9.0, "impossible"),
+        ("budget_weighting", "flops", "Unknown budget_weighting"),
+        ("rules", ((".*kernel", "prune"),), "unknown action"),
+    ],
+)
+def test_bad_config_values_raise_clear_errors(tiny_config, tmp_path, field, value, message):
+  tiny_config[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_missing_data_raises_clear_error(tiny_config, tmp_path):
+  tiny_config.dataset = f"npz:{tmp_path / 'nope.npz'}"
+  with pytest.raises(data.DataError, match="does not exist"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  tiny_config.dataset = "tfds:cifar10"
+  tiny_config.data_dir = str(tmp_path / "empty")
+  with pytest.raises(data.DataError, match="tfds build cifar10"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+
+
+def test_tiny_run_writes_outputs_and_hard_model_is_exact(tiny_config, tmp_path):
+  summary = train.train_and_evaluate(tiny_config, str(tmp_path))
+  for name in ("summary.json", "metrics.jsonl", "layer_bits.png", "avg_bits.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  for key in ("method", "model", "dataset", "target_bits", "avg_bits", "compression",
+              "test_accuracy", "fp_accuracy", "layers"):
+    assert key in on_disk
+  assert on_disk["exactly_quantized"] is True
+  # Six quantized layers of the small CNN; params-weighted average recomputed here.
+  layers = on_disk["layers"]
+  assert [l["name"] for l in layers] == [f"conv{i}/kernel" for i in range(5)] + ["head/kernel"]
+  n = np.array([l["params"] for l in layers])
+  b = np.array([l["bits"] for l in layers])
+  np.testing.assert_allclose(on_disk["avg_bits"], (n * b).sum() / n.sum(), rtol=1e-6)
+  np.testing.assert_allclose(on_disk["compression"], 32 * n.sum() / (n * b).sum(), rtol=1e-5)
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in records] == [1, 2]
+  assert records[-1]["beta"] == pytest.approx(200.0)
+  assert summary["test_accuracy"] == on_disk["test_accuracy"]
+
+
+def _final_state(config, workdir):
+  """Restore the last checkpoint of a finished run."""
+  ds = data.load_dataset(config)
+  phases = train.make_phases(config, data.steps_per_epoch(ds, config.batch_size))
+  model = train.create_model(config, ds.num_classes)
+  state, _ = train.init_state(config, model, ds.image_shape, phases[0], jax.random.key(0))
+  total = config.num_epochs + config.finetune_epochs
+  if config.finetune_epochs:
+    state = train.start_finetune(state, phases[1])
+  mngr = checkpoint.manager(workdir)
+  restored, _ = checkpoint.restore(mngr, total, state, config)
+  return restored
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+  tiny_config.num_epochs = 2
+  tiny_config.finetune_epochs = 1
+  full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
+
+  real_save = checkpoint.save
+
+  def save_then_die(mngr, epoch, state, meta):
+    real_save(mngr, epoch, state, meta)
+    if epoch == 2:
+      raise KeyboardInterrupt("simulated kill after epoch 2")
+
+  monkeypatch.setattr(checkpoint, "save", save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(checkpoint, "save", real_save)
+  resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+
+  assert resumed["test_accuracy"] == full["test_accuracy"]
+  _leaves_equal(_final_state(tiny_config, str(tmp_path / "full")),
+                _final_state(tiny_config, str(tmp_path / "resumed")))
+  records = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(r)["epoch"] for r in records] == [1, 2, 3]
+
+
+def test_finetune_freezes_the_bit_selection(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  tiny_config.finetune_epochs = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["phase"] for r in records] == ["csq", "finetune", "finetune"]
+  # beta is rewound: each phase ends at beta0 * beta_max.
+  assert records[0]["beta"] == pytest.approx(200.0) and records[2]["beta"] == pytest.approx(200.0)
+  assert records[1]["avg_bits"] == records[2]["avg_bits"] == records[0]["avg_bits"]
+  assert records[1]["train_penalty"] == 0.0
+
+
+def test_checkpoint_of_another_run_is_refused(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.num_epochs = 2
+  tiny_config.method = "ste"
+  with pytest.raises(checkpoint.CheckpointError, match="another run"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "1" / "state"
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "wb") as fh:
+        fh.write(b"garbage")
+  tiny_config.num_epochs = 2
+  with pytest.raises(checkpoint.CheckpointError, match="corrupt|unreadable"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert (tmp_path / "checkpoints" / "1").exists()
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  summary_before = (tmp_path / "summary.json").read_text()
+  tiny_config.num_epochs = 3
+  tiny_config.learning_rate = 1e30  # diverges in the resumed epoch
+  with pytest.raises(train.NonFiniteLossError, match="epoch 2"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  mngr = checkpoint.manager(str(tmp_path))
+  assert mngr.all_steps() == [1]
+  assert (tmp_path / "summary.json").read_text() == summary_before
+
+
+@pytest.mark.parametrize("method", ["fp", "ste", "csq_uniform"])
+def test_baseline_methods_run_with_fixed_precision(tiny_config, tmp_path, method):
+  tiny_config.num_epochs = 1
+  tiny_config.method = method
+  tiny_config.target_bits = 4.0
+  s = train.train_and_evaluate(tiny_config, str(tmp_path))
+  if method == "fp":
+    assert s["layers"] == [] and s["avg_bits"] == 32.0
+  else:
+    assert {l["bits"] for l in s["layers"]} == {4}
+    assert s["exactly_quantized"]
+
+
+def test_target_bits_is_reached_on_the_default_job(tmp_path):
+  """The default job, shortened, ends within 0.15 bit of its target."""
+  c = load_config("default")
+  c.progress = False
+  c.tensorboard = False
+  c.num_epochs = 30
+  c.target_bits = 2.0
+  s = train.train_and_evaluate(c, str(tmp_path))
+  assert abs(s["avg_bits"] - 2.0) <= 0.15, s["layers"]
+  assert s["exactly_quantized"]
+  assert s["test_accuracy"] > 0.5
+
+
+def test_main_cli_runs_the_default_config(tmp_path):
+  cmd = [sys.executable, "-m", "csq_jax.main", "--config=configs/default.py", f"--workdir={tmp_path}",
+         "--config.num_epochs=1", "--config.progress=False", "--config.target_bits=4"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  brief = json.loads(out.stdout.strip().splitlines()[-1])
+  assert brief["target_bits"] == 4.0 and brief["method"] == "csq"
+  assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_main_cli_reports_bad_model_in_one_line(tmp_path):
+  cmd = [sys.executable, "-m", "csq_jax.main", "--config=configs/default.py", f"--workdir={tmp_path}",
+         "--config.model=resnet99"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "Unknown model 'resnet99'" in out.stderr
