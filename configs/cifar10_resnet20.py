@@ -56,6 +56,9 @@ def get_config(runlocal: str = "") -> ml_collections.ConfigDict:
   c.finetune_learning_rate = 0.01
   c.finetune_beta0 = 1.0  # Alg. 1 rewinds beta to beta0 ...
   c.finetune_beta_max = 200.0  # ... and grows it again by this factor
+  # Passes over the training data that re-estimate BN statistics under the
+  # final hard-quantized weights (0: keep the running statistics of training).
+  c.bn_recalibration_epochs = 1
 
   # Bookkeeping.
   c.eval_soft = True  # also evaluate with soft gates (the gap to the hard model)

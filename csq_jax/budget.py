@@ -93,6 +93,8 @@ def model_size_bits(qparams: Any) -> jax.Array:
 def compression(qparams: Any) -> jax.Array:
   """Compression of the counted layers vs 32-bit floats: ``32 sum N_l / size``."""
   n = sum(layer_sizes(qparams).values())
+  if n == 0:
+    return jnp.asarray(1.0, jnp.float32)
   return 32.0 * n / jnp.maximum(model_size_bits(qparams), 1.0)
 
 

@@ -5,7 +5,8 @@ Eq. (7) while the gate temperature grows as ``beta0 * beta_max^(t/T)``.
 Phase 2 (``finetune_epochs > 0``) freezes each layer's bit selection to
 ``I(m_B >= 0)`` (Eq. 4), rewinds beta and trains the selected bits and the
 scale with the task loss alone. The final model is evaluated with every gate
-a unit step, i.e. exactly quantized.
+a unit step, i.e. exactly quantized, after its BN statistics are re-estimated
+under those hard weights (``bn_recalibration_epochs``).
 
 The model never holds quantized weights: ``train_step`` materializes them from
 the quantizer parameters (``transform.materialize``) and hands them to a plain
@@ -255,6 +256,32 @@ def make_eval_step(model, hard: bool) -> Callable:
   return eval_step
 
 
+def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config) -> TrainState:
+  """Re-estimate BN running statistics under the hard-quantized weights.
+
+  The running statistics are averaged over training steps whose soft weights
+  kept changing (bits and masks flip while beta grows); the exactly quantized
+  weights deserve statistics of their own. BN parameters are float and not
+  counted, so this changes no quantized value. ``bn_recalibration_epochs``
+  passes over the (augmented) training data in train mode, no gradient.
+  """
+  if config.bn_recalibration_epochs <= 0 or not jax.tree_util.tree_leaves(state.batch_stats):
+    return state
+  weights = transform.materialize(state.params, None, hard=True)
+
+  @jax.jit
+  def update(batch_stats, images):
+    _, new = model.apply({"params": weights, "batch_stats": batch_stats}, images, train=True,
+                         mutable=["batch_stats"])
+    return new["batch_stats"]
+
+  batch_stats = state.batch_stats
+  for i in range(config.bn_recalibration_epochs):
+    for batch in data.train_batches(ds, config.batch_size, config.seed + 1, i):
+      batch_stats = update(batch_stats, batch["image"])
+  return state.replace(batch_stats=batch_stats)
+
+
 def evaluate(eval_step, state: TrainState, ds: data.Dataset, batch_size: int, beta=1.0):
   """``(accuracy, mean loss)`` over the whole test split."""
   totals = np.zeros(3)
@@ -349,8 +376,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     done = epoch + 1
   writer.close()
 
+  accuracy_before, _ = evaluate(eval_hard, state, ds, config.eval_batch_size)
+  state = recalibrate_batch_norm(model, state, ds, config)
   accuracy, loss = evaluate(eval_hard, state, ds, config.eval_batch_size)
   summary = report.make_summary(config, ds, model, state, accuracy, loss, rules_report)
+  summary["test_accuracy_before_bn_recalibration"] = float(accuracy_before)
   report.write_outputs(workdir, summary)
   mngr.close()
   return summary

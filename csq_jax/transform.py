@@ -50,6 +50,8 @@ class Rule:
     if self.action not in ACTIONS:
       raise ValueError(f"Rule {self.pattern!r}: unknown action {self.action!r}; expected one of {ACTIONS}.")
     re.compile(self.pattern)
+    if self.bits is not None and not 1 <= self.bits <= 16:
+      raise ValueError(f"Rule {self.pattern!r}: bits must be in 1..16, got {self.bits}.")
 
 
 def rules_from_config(items: Iterable[Sequence[Any]]) -> tuple[Rule, ...]:
@@ -165,7 +167,7 @@ def quantize_params(
 
 
 def _apply_rule(leaf, rule: Rule, spec: QuantizeSpec, key, name: str):
-  if rule.action == "float" or (rule.action == "quantize" and spec.method == "fp"):
+  if rule.action == "float" or spec.method == "fp":  # the FP baseline is float throughout
     return leaf, ("float", None)
   if np.ndim(leaf) < 2:
     raise ValueError(
@@ -173,9 +175,9 @@ def _apply_rule(leaf, rule: Rule, spec: QuantizeSpec, key, name: str):
         " kernels (rank >= 2) can be quantized. Narrow the rule, e.g. to '.*/kernel'."
     )
   if rule.action == "fixed":
-    bits = rule.bits or 8
+    bits = 8 if rule.bits is None else rule.bits
     return ste.init_from_float(leaf, bits), ("fixed", bits)
-  bits = rule.bits or spec.n_bits
+  bits = spec.n_bits if rule.bits is None else rule.bits
   if spec.method == "ste":
     return ste.init_from_float(leaf, bits), ("quantize", bits)
   mode = "none" if spec.method == "csq_uniform" else "learned"

@@ -73,10 +73,6 @@ def test_pact_alpha_gradient_from_clipped_inputs():
   np.testing.assert_allclose(ga1, 3.0, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "csq_jax/quantizers/activations.py PACT: the quantization step alpha/(2^k-1) is not"
-    " stop-gradiented, so inputs inside (0, alpha) add (round(y/step) - y/step)/(2^k-1) per"
-    " element to dL/dalpha; the documented PACT rule is dy/dalpha = I(x >= alpha)."))
 def test_pact_alpha_gradient_rule_with_unclipped_inputs():
   alpha, bits = 4.0, 2
   g = np.random.default_rng(1).normal(size=X.shape).astype(np.float32)

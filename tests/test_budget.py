@@ -166,3 +166,22 @@ def test_bops(tiny):
   # Layers with unknown MACs are skipped.
   partial = {k: v for k, v in macs.items() if k != "head/kernel"}
   assert budget.bops(q, partial, 4) == pytest.approx(expected - macs["head/kernel"] * 4 * 4)
+
+
+def test_layer_macs_keys_are_resnet20_param_paths():
+  from csq_jax.models import create_model
+
+  model = create_model("resnet20", 10)
+  x = jnp.ones((1, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)  # abstract: no compile
+  macs = budget.layer_macs(model, variables, x)
+  kernels = {transform.path_str(p): v.shape for p, v in
+             jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+             if transform.path_str(p).endswith("kernel")}
+  assert set(macs) == set(kernels)  # the keys bops looks up are the parameter paths
+  assert macs["conv_init/kernel"] == 3 * 3 * 3 * 16 * 32 * 32
+  assert macs["stage1_block2/conv2/kernel"] == 3 * 3 * 16 * 16 * 32 * 32
+  assert macs["stage2_block0/conv1/kernel"] == 3 * 3 * 16 * 32 * 16 * 16  # stride 2
+  assert macs["stage2_block0/shortcut_conv/kernel"] == 16 * 32 * 16 * 16
+  assert macs["stage3_block2/conv1/kernel"] == 3 * 3 * 64 * 64 * 8 * 8
+  assert macs["head/kernel"] == 64 * 10

@@ -238,16 +238,17 @@ def test_init_from_float_logits_and_zero_kernel():
   assert np.all(np.isfinite(np.asarray(csq.materialize(z, 1.0))))
 
 
-@pytest.mark.parametrize("shape,fan_in", [((6, 4), 6), ((3, 3, 2, 4), 18)])
-def test_init_random_he_std(shape, fan_in):
-  w = init_random(jax.random.key(0), shape, fan_in, n_bits=6, logit_init=2.0)
+@pytest.mark.parametrize("shape,fan_in,impl", [((6, 4), 6, "threefry2x32"),
+                                               ((3, 3, 2, 4), 18, "rbg")])
+def test_init_random_he_std(shape, fan_in, impl):
+  w = init_random(jax.random.key(0, impl=impl), shape, fan_in, n_bits=6, logit_init=2.0)
   csq.check_shapes(w)
   assert w.shape == shape and w.n_bits == 6 and w.mask_mode == "learned"
   pos = np.asarray(w.pos_logits)
   assert np.all(np.abs(pos) <= 2.0) and np.std(pos) > 0.5
   wt = np.asarray(csq.materialize(w, 1.0), np.float64)
   np.testing.assert_allclose(np.std(wt), np.sqrt(2.0 / fan_in), rtol=1e-3)
-  other = init_random(jax.random.key(1), shape, fan_in, n_bits=6, logit_init=2.0)
+  other = init_random(jax.random.key(1, impl=impl), shape, fan_in, n_bits=6, logit_init=2.0)
   assert not np.allclose(np.asarray(other.pos_logits), pos)
 
 

@@ -68,9 +68,6 @@ def test_straight_through_gradient_is_identity_inside_clip_range(bits):
   assert np.all(grad[inside] != 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "csq_jax/quantizers/ste.py materialize: s = max|W| puts the max-abs weight exactly on"
-    " the clip boundary, where jnp.clip's tie rule passes only half of the upstream gradient."))
 def test_straight_through_gradient_at_max_abs_weight():
   lat = _latent(3)
   g = np.random.default_rng(4).normal(size=lat.shape).astype(np.float32)

@@ -50,9 +50,11 @@ class PACT(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
-    y = jnp.minimum(nn.relu(x), alpha.astype(x.dtype))
-    return quantize_unsigned(y, alpha.astype(x.dtype), self.bits)
+    alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ()).astype(x.dtype)
+    # PACT's gradient: dy/dalpha = I(x >= alpha), dy/dx = I(0 < x < alpha); the
+    # quantization step is held constant so rounding adds nothing to dalpha.
+    y = jnp.where(x >= alpha, alpha, nn.relu(x))
+    return quantize_unsigned(y, jax.lax.stop_gradient(alpha), self.bits)
 
 
 class ClippedReLUQuant(nn.Module):
@@ -74,6 +76,8 @@ class ClippedReLUQuant(nn.Module):
 
 def activation_factory(kind: str = "pact", bits: int = 32) -> Callable[[], nn.Module]:
   """Constructor of the activation module a model inserts after each ReLU."""
+  if kind not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation quantizer {kind!r}; expected one of {ACTIVATIONS}.")
   if bits >= 32:
     return ReLU
   if not 1 <= bits <= 16:
@@ -84,4 +88,3 @@ def activation_factory(kind: str = "pact", bits: int = 32) -> Callable[[], nn.Mo
     return lambda: ClippedReLUQuant(bits=bits, clip=6.0)
   if kind == "maxabs":
     return lambda: ClippedReLUQuant(bits=bits, clip=None)
-  raise ValueError(f"Unknown activation quantizer {kind!r}; expected one of {ACTIVATIONS}.")

@@ -58,14 +58,15 @@ def integer_weights(w: STEWeight) -> jax.Array:
 
 
 def materialize(w: STEWeight, beta=None, hard: bool = False) -> jax.Array:
-  """``s/(2^n-1) * round(clip(W/s, -1, 1) (2^n-1))`` with a straight-through
-  gradient (identity inside the clip range). ``beta``/``hard`` are accepted for
+  """``s/(2^n-1) * round(W/s (2^n-1))`` with ``s = max|W|`` and a
+  straight-through gradient (the identity). ``beta``/``hard`` are accepted for
   a uniform interface; the forward pass is always exactly quantized."""
   del beta, hard
   s = scale_of(w)
   levels = _levels(w.bits)
-  x = jnp.clip(w.latent / s, -1.0, 1.0) * levels
-  return round_ste(x) * (s / levels)
+  # |W| <= s = max|W|, so no clip is needed (and none halves the gradient of
+  # the largest weight at the clip boundary).
+  return round_ste(w.latent / s * levels) * (s / levels)
 
 
 def precision(w: STEWeight) -> jax.Array:
