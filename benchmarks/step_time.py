@@ -13,9 +13,13 @@ How
     ``--only=fp|csq``), so its peak memory is its own.
   * One batch of random normal images and random labels is generated once and
     put on the device before timing.
-  * The first call (trace + compile + run) is timed separately, then
-    ``--warmup`` steps are run, then ``--steps`` steps are timed one by one,
-    each ended with ``jax.block_until_ready``; the table shows the median.
+  * The step is compiled ahead (``lower().compile()``, timed as "compile"; the
+    jitted function reuses that executable), its first call is timed alone,
+    ``--warmup`` more steps are run, then ``--steps`` steps are timed one by
+    one, each ended with ``jax.block_until_ready``; the table shows the median
+    (and the minimum, the least disturbed step). On a CPU backend it also
+    shows the median process CPU time per step (all threads), which other
+    processes on the machine disturb far less than the wall time.
   * Peak memory: on an accelerator, ``device.memory_stats()['peak_bytes_in_use']``.
     Where ``memory_stats()`` is unavailable (CPU), the peak resident set size of
     the subprocess (``getrusage(RUSAGE_SELF).ru_maxrss``) minus the RSS after
@@ -27,13 +31,16 @@ How
     of every leaf of params + opt_state + batch_stats) and XLA's own estimate
     of the compiled step's buffers (``compiled.memory_analysis()``: temporaries
     plus the non-aliased outputs).
+  * ``--interleave`` adds a third subprocess that alternates FP and CSQ steps
+    and reports the median of the per-pair time ratios: both methods then
+    see the same background load, which matters on a shared machine.
   * The allowed CSQ overhead ("no more than the bit-plane parameters, their
     gradients and optimizer state require") is
     ``3 * (CSQ param bytes - FP param bytes)`` (params + grads + momentum);
     it is printed next to the measured overheads.
 
 Usage
-  python benchmarks/step_time.py [--batch_size=128] [--steps=20] [--warmup=3] [--json]
+  python benchmarks/step_time.py [--batch_size=128] [--steps=20] [--warmup=3] [--interleave] [--json]
 
 With ``--json`` the last line of stdout is one JSON object with the results.
 """
@@ -60,12 +67,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch_size", type=int, default=128, help="examples per step (default 128)")
   p.add_argument("--steps", type=int, default=20, help="timed steps; the median is reported (default 20)")
-  p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) call")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation and the first call (default 3)")
   p.add_argument("--n_bits", type=int, default=8, help="CSQ bit planes per layer (default 8)")
   p.add_argument("--model", default="resnet20", help="model name in csq_jax.models (default resnet20)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", action="store_true", help="end stdout with one JSON object of the results")
-  p.add_argument("--only", choices=METHODS, help=argparse.SUPPRESS)  # child process: one method
+  p.add_argument("--interleave", action="store_true",
+                 help="also time FP and CSQ alternately in one process (robust ratio on a busy machine)")
+  p.add_argument("--only", choices=METHODS + ("interleaved",), help=argparse.SUPPRESS)  # child process
   args = p.parse_args(argv)
   if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
     p.error("--batch_size and --steps must be >= 1, --warmup >= 0")
@@ -92,22 +101,25 @@ def _current_rss_bytes() -> int | None:
     return None
 
 
+def _describe(device) -> str:
+  kind = getattr(device, "device_kind", "")
+  if device.platform == "cpu":
+    return f"cpu ({os.cpu_count()} cores)"
+  return f"{device.platform} ({kind})" if kind else device.platform
+
+
 def _tree_bytes(tree) -> int:
   import jax
 
   return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
 
 
-def measure(method: str, args: argparse.Namespace) -> dict:
-  """Time and size one method's train step; returns a dict of results."""
+def build(method: str, args: argparse.Namespace):
+  """``(step, state)`` of ``method``, made as ``train.train_and_evaluate`` makes them."""
   import jax
-  import numpy as np
 
   from configs import default as default_config
   from csq_jax import train
-
-  device = jax.devices()[0]
-  rss_after_imports = _maxrss_bytes()
 
   config = default_config.get_config()
   config.model = args.model
@@ -116,31 +128,58 @@ def measure(method: str, args: argparse.Namespace) -> dict:
   config.batch_size = args.batch_size
   config.seed = args.seed
   train.validate_config(config)
-
-  steps_per_epoch = CIFAR10_TRAIN_EXAMPLES // args.batch_size
-  phases = train.make_phases(config, steps_per_epoch=steps_per_epoch)
+  phases = train.make_phases(config, steps_per_epoch=CIFAR10_TRAIN_EXAMPLES // args.batch_size)
   model = train.create_model(config, NUM_CLASSES)
   state, _ = train.init_state(config, model, IMAGE_SHAPE, phases[0], jax.random.key(config.seed))
   step = train.make_train_step(model, phases[0], config)
+  return step, jax.block_until_ready(state)
+
+
+def random_batch(args: argparse.Namespace, device):
+  """Random normal images and random labels, generated once and put on ``device``."""
+  import jax
+  import numpy as np
 
   rng = np.random.default_rng(args.seed)
   batch = {
       "image": rng.standard_normal((args.batch_size,) + IMAGE_SHAPE, dtype=np.float32),
       "label": rng.integers(0, NUM_CLASSES, size=(args.batch_size,), dtype=np.int32),
   }
-  batch = jax.device_put(batch, device)
-  state = jax.block_until_ready(state)
+  return jax.block_until_ready(jax.device_put(batch, device))
 
+
+def timed_step(step, state, batch):
+  """One step, blocked until done: ``(new state, metrics, (wall s, process CPU s))``.
+
+  The process CPU time (all threads) is the work done; on a CPU backend it is
+  far less sensitive than the wall time to other processes on the machine.
+  """
+  import jax
+
+  t0, c0 = time.perf_counter(), time.process_time()
+  state, metrics = jax.block_until_ready(step(state, batch))
+  return state, metrics, (time.perf_counter() - t0, time.process_time() - c0)
+
+
+def measure(method: str, args: argparse.Namespace) -> dict:
+  """Time and size one method's train step in this (fresh) process."""
+  import jax
+  import numpy as np
+
+  device = jax.devices()[0]
+  rss_after_imports = _maxrss_bytes()
+
+  step, state = build(method, args)
+  batch = random_batch(args, device)
   param_bytes = _tree_bytes(state.params)
   state_bytes = param_bytes + _tree_bytes(state.opt_state) + _tree_bytes(state.batch_stats)
 
   # Compile ahead of the first call (the jitted function reuses this executable)
   # and read XLA's static buffer estimate and flop count of the step.
-  xla_bytes = None
-  flops = None
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  xla_bytes = flops = None
   try:
     ma = compiled.memory_analysis()
     if ma is not None:
@@ -148,36 +187,32 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0)) if cost else None
-  except Exception:  # analysis is best effort; the timing below is what matters
+  except Exception:  # best effort: not every backend implements these analyses
     pass
 
   rss_before_steps = _current_rss_bytes()
-  t0 = time.perf_counter()
-  state, metrics = jax.block_until_ready(step(state, batch))
-  first_call_s = time.perf_counter() - t0
+  state, _, (first_call_s, _) = timed_step(step, state, batch)
   for _ in range(args.warmup):
-    state, metrics = jax.block_until_ready(step(state, batch))
-
-  times = []
+    state, _, _ = timed_step(step, state, batch)
+  times, cpu_times = [], []
   for _ in range(args.steps):
-    t0 = time.perf_counter()
-    state, metrics = jax.block_until_ready(step(state, batch))
-    times.append(time.perf_counter() - t0)
-  loss = float(metrics["loss"])
+    state, metrics, (wall, cpu) = timed_step(step, state, batch)
+    times.append(wall)
+    cpu_times.append(cpu)
 
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and "peak_bytes_in_use" in stats:
     peak_bytes, peak_source = int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
   else:
     peak_bytes, peak_source = _maxrss_bytes() - rss_after_imports, "peak RSS - RSS after imports"
-  # Host RSS the steps themselves added (CPU: buffers of the step; excludes compilation).
+  # Host RSS added by running the compiled step (CPU: its buffers), compilation excluded.
   step_rss_bytes = None if rss_before_steps is None else _maxrss_bytes() - rss_before_steps
 
   return dict(
       method=method,
       ms=1e3 * float(np.median(times)),
       ms_min=1e3 * float(np.min(times)),
-      ms_mean=1e3 * float(np.mean(times)),
+      cpu_ms=1e3 * float(np.median(cpu_times)),
       compile_s=compile_s,
       first_call_s=first_call_s,
       step_rss_bytes=step_rss_bytes,
@@ -187,24 +222,49 @@ def measure(method: str, args: argparse.Namespace) -> dict:
       state_bytes=state_bytes,
       xla_bytes=xla_bytes,
       flops=flops,
-      loss=loss,
-      device=f"{device.platform}:{getattr(device, 'device_kind', '')}",
+      loss=float(metrics["loss"]),
+      device=_describe(device),
   )
+
+
+def measure_interleaved(args: argparse.Namespace) -> dict:
+  """FP and CSQ steps alternated in one process: both see the same machine load,
+  so the median of the per-pair ratios is robust on a busy host."""
+  import jax
+  import numpy as np
+
+  device = jax.devices()[0]
+  batch = random_batch(args, device)
+  runs = {m: build(m, args) for m in METHODS}
+  for m, (step, state) in runs.items():
+    for _ in range(1 + args.warmup):
+      state, _, _ = timed_step(step, state, batch)
+    runs[m] = (step, state)
+  wall = {m: [] for m in METHODS}
+  for _ in range(args.steps):
+    for m, (step, state) in runs.items():
+      state, _, (dt, _) = timed_step(step, state, batch)
+      runs[m] = (step, state)
+      wall[m].append(dt)
+  pair = np.asarray(wall["csq"]) / np.asarray(wall["fp"])
+  return dict(fp_ms=1e3 * float(np.median(wall["fp"])), csq_ms=1e3 * float(np.median(wall["csq"])),
+              ratio=float(np.median(pair)))
 
 
 # ----------------------------------------------------------------------------
 # Parent: one subprocess per method, then the table.
 
 
-def run_child(method: str, args: argparse.Namespace) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), f"--only={method}",
+def run_child(what: str, args: argparse.Namespace) -> dict:
+  """Run this script with ``--only=what`` in a fresh interpreter; its result dict."""
+  cmd = [sys.executable, os.path.abspath(__file__), f"--only={what}",
          f"--batch_size={args.batch_size}", f"--steps={args.steps}", f"--warmup={args.warmup}",
          f"--n_bits={args.n_bits}", f"--model={args.model}", f"--seed={args.seed}"]
   proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith(_RESULT_TAG)]
   if proc.returncode != 0 or not lines:
     sys.stderr.write(proc.stderr)
-    raise RuntimeError(f"The {method} measurement failed (exit code {proc.returncode}).")
+    raise RuntimeError(f"The {what} measurement failed (exit code {proc.returncode}).")
   return json.loads(lines[-1][len(_RESULT_TAG):])
 
 
@@ -212,64 +272,86 @@ def _mib(b) -> str:
   return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
 
 
-def report(fp: dict, csq: dict, args: argparse.Namespace) -> dict:
+def _ratio(a, b) -> str:
+  return "n/a" if a is None or b is None or b <= 0 else f"{a / b:.2f}x"
+
+
+def _diff(a, b):
+  return None if a is None or b is None else a - b
+
+
+def report(fp: dict, csq: dict, inter: dict | None, args: argparse.Namespace) -> dict:
+  """Print the table and verdicts; return the JSON summary."""
   ratio = csq["ms"] / fp["ms"]
-  allowed = 3 * (csq["param_bytes"] - fp["param_bytes"])
-  rows = [
-      ("step time (median)", f"{fp['ms']:.1f} ms", f"{csq['ms']:.1f} ms", f"{ratio:.2f}x"),
-      ("step time (min)", f"{fp['ms_min']:.1f} ms", f"{csq['ms_min']:.1f} ms",
-       f"{csq['ms_min'] / fp['ms_min']:.2f}x"),
-      ("compile", f"{fp['compile_s']:.1f} s", f"{csq['compile_s']:.1f} s",
-       f"{csq['compile_s'] / fp['compile_s']:.2f}x"),
+  rows = [  # (label, FP, CSQ, CSQ/FP)
+      ("step time (median)", f"{fp['ms']:.1f} ms", f"{csq['ms']:.1f} ms", _ratio(csq["ms"], fp["ms"])),
+      ("step time (min)", f"{fp['ms_min']:.1f} ms", f"{csq['ms_min']:.1f} ms", _ratio(csq["ms_min"], fp["ms_min"])),
+      ("compile", f"{fp['compile_s']:.1f} s", f"{csq['compile_s']:.1f} s", _ratio(csq["compile_s"], fp["compile_s"])),
       ("first call (compiled)", f"{fp['first_call_s']:.2f} s", f"{csq['first_call_s']:.2f} s",
-       f"{csq['first_call_s'] / fp['first_call_s']:.2f}x"),
+       _ratio(csq["first_call_s"], fp["first_call_s"])),
       ("peak memory (measured)", _mib(fp["peak_bytes"]), _mib(csq["peak_bytes"]),
-       f"{csq['peak_bytes'] / max(fp['peak_bytes'], 1):.2f}x"),
+       _ratio(csq["peak_bytes"], fp["peak_bytes"])),
       ("host RSS growth in steps", _mib(fp["step_rss_bytes"]), _mib(csq["step_rss_bytes"]),
-       "n/a" if not fp["step_rss_bytes"] or csq["step_rss_bytes"] is None
-       else f"{csq['step_rss_bytes'] / fp['step_rss_bytes']:.2f}x"),
-      ("XLA step buffers", _mib(fp["xla_bytes"]), _mib(csq["xla_bytes"]),
-       "n/a" if not fp["xla_bytes"] or csq["xla_bytes"] is None else f"{csq['xla_bytes'] / fp['xla_bytes']:.2f}x"),
-      ("param bytes", _mib(fp["param_bytes"]), _mib(csq["param_bytes"]),
-       f"{csq['param_bytes'] / fp['param_bytes']:.2f}x"),
+       _ratio(csq["step_rss_bytes"], fp["step_rss_bytes"])),
+      ("XLA step buffers", _mib(fp["xla_bytes"]), _mib(csq["xla_bytes"]), _ratio(csq["xla_bytes"], fp["xla_bytes"])),
+      ("param bytes", _mib(fp["param_bytes"]), _mib(csq["param_bytes"]), _ratio(csq["param_bytes"], fp["param_bytes"])),
       ("train state bytes", _mib(fp["state_bytes"]), _mib(csq["state_bytes"]),
-       f"{csq['state_bytes'] / fp['state_bytes']:.2f}x"),
+       _ratio(csq["state_bytes"], fp["state_bytes"])),
   ]
+  if fp["device"].startswith("cpu"):
+    rows.insert(2, ("process CPU time / step", f"{fp['cpu_ms']:.1f} ms", f"{csq['cpu_ms']:.1f} ms",
+                    _ratio(csq["cpu_ms"], fp["cpu_ms"])))
+  if inter:
+    rows.insert(2, ("step time (interleaved)", f"{inter['fp_ms']:.1f} ms", f"{inter['csq_ms']:.1f} ms",
+                    f"{inter['ratio']:.2f}x"))
   if fp["flops"] and csq["flops"]:
     rows.append(("XLA flops / step", f"{fp['flops'] / 1e9:.2f} G", f"{csq['flops'] / 1e9:.2f} G",
-                 f"{csq['flops'] / fp['flops']:.2f}x"))
+                 _ratio(csq["flops"], fp["flops"])))
   head = ("", "FP", f"CSQ ({args.n_bits} bits)", "CSQ/FP")
-  widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(4)]
-  fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+
+  def line(r):
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
   print(f"{args.model}, batch {args.batch_size}x{'x'.join(map(str, IMAGE_SHAPE))}, {NUM_CLASSES} classes,"
         f" device {fp['device']}; median of {args.steps} steps after compile + {args.warmup} warm-up steps")
-  print(f"peak memory: {fp['peak_source']}")
-  print(fmt(head))
+  print(f"peak memory (measured) = {fp['peak_source']}")
+  print(line(head))
   print("  ".join("-" * w for w in widths))
   for r in rows:
-    print(fmt(r))
+    print(line(r))
+
+  # Memory overhead of CSQ over FP, against what the issue allows.
+  allowed = 3 * (csq["param_bytes"] - fp["param_bytes"])
+  measured = csq["peak_bytes"] - fp["peak_bytes"]
+  step_rss = _diff(csq["step_rss_bytes"], fp["step_rss_bytes"])
+  xla = _diff(csq["xla_bytes"], fp["xla_bytes"])
+  xla_state = None if xla is None else xla + csq["state_bytes"] - fp["state_bytes"]
   print()
-  measured_overhead = csq["peak_bytes"] - fp["peak_bytes"]
-  xla_overhead = None if fp["xla_bytes"] is None or csq["xla_bytes"] is None else (
-      csq["xla_bytes"] + csq["state_bytes"] - fp["xla_bytes"] - fp["state_bytes"])
-  print(f"memory overhead allowed: 3 x (CSQ - FP param bytes) = {_mib(allowed)}"
-        " (bit-plane params + grads + momentum)")
-  print(f"memory overhead measured: {_mib(measured_overhead)} ({fp['peak_source']})"
-        f"{'' if xla_overhead is None else f'; XLA buffers + state: {_mib(xla_overhead)}'}")
+  print("memory overhead CSQ - FP:")
+  print(f"  allowed: 3 x (CSQ - FP param bytes) = {_mib(allowed)}  (bit-plane params + grads + momentum)")
+  print(f"  measured, {fp['peak_source']}: {_mib(measured)}  ({_ratio(measured, allowed)} of allowed)")
+  print(f"  measured, host RSS growth in steps: {_mib(step_rss)}  ({_ratio(step_rss, allowed)} of allowed)")
+  print(f"  XLA step buffers + train state: {_mib(xla_state)}  ({_ratio(xla_state, allowed)} of allowed)")
   met = ratio <= TARGET_RATIO
-  print(f"target: CSQ step <= {TARGET_RATIO}x FP step: {ratio:.2f}x -> {'MET' if met else 'NOT MET'}")
+  print(f"target: CSQ step <= {TARGET_RATIO}x FP step -> {ratio:.2f}x, {'MET' if met else 'NOT MET'}")
+  if inter:
+    print(f"  interleaved (median of per-pair ratios): {inter['ratio']:.2f}x,"
+          f" {'MET' if inter['ratio'] <= TARGET_RATIO else 'NOT MET'}")
   return dict(
       fp_ms=fp["ms"], csq_ms=csq["ms"], ratio=ratio, target_ratio=TARGET_RATIO, target_met=met,
+      fp_ms_min=fp["ms_min"], csq_ms_min=csq["ms_min"], fp_cpu_ms=fp["cpu_ms"], csq_cpu_ms=csq["cpu_ms"],
       fp_peak_bytes=fp["peak_bytes"], csq_peak_bytes=csq["peak_bytes"], peak_source=fp["peak_source"],
       fp_state_bytes=fp["state_bytes"], csq_state_bytes=csq["state_bytes"],
       fp_param_bytes=fp["param_bytes"], csq_param_bytes=csq["param_bytes"],
       fp_xla_bytes=fp["xla_bytes"], csq_xla_bytes=csq["xla_bytes"],
-      allowed_overhead_bytes=allowed, measured_overhead_bytes=measured_overhead,
-      fp_compile_s=fp["compile_s"], csq_compile_s=csq["compile_s"],
       fp_step_rss_bytes=fp["step_rss_bytes"], csq_step_rss_bytes=csq["step_rss_bytes"],
+      allowed_overhead_bytes=allowed, measured_overhead_bytes=measured, xla_state_overhead_bytes=xla_state,
+      fp_compile_s=fp["compile_s"], csq_compile_s=csq["compile_s"],
+      fp_flops=fp["flops"], csq_flops=csq["flops"],
       device=fp["device"], batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
       n_bits=args.n_bits, model=args.model,
+      ratio_interleaved=inter["ratio"] if inter else None,
   )
 
 
@@ -278,10 +360,18 @@ def main(argv=None) -> None:
   if args.only:
     # Importable as `configs.default` / `csq_jax` when run from anywhere.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(_RESULT_TAG + json.dumps(measure(args.only, args)), flush=True)
+    result = measure_interleaved(args) if args.only == "interleaved" else measure(args.only, args)
+    print(_RESULT_TAG + json.dumps(result), flush=True)
     return
-  results = {m: run_child(m, args) for m in METHODS}  # FP first, each in a fresh process
-  summary = report(results["fp"], results["csq"], args)
+  results = {}
+  for method in METHODS:  # FP first; each in a fresh process, so each peak is its own
+    print(f"measuring {method} ...", file=sys.stderr, flush=True)
+    results[method] = run_child(method, args)
+  inter = None
+  if args.interleave:
+    print("measuring fp and csq interleaved ...", file=sys.stderr, flush=True)
+    inter = run_child("interleaved", args)
+  summary = report(results["fp"], results["csq"], inter, args)
   if args.json:
     print(json.dumps(summary))
 

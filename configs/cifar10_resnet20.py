@@ -31,9 +31,9 @@ def get_config(runlocal: str = "") -> ml_collections.ConfigDict:
   c.beta0 = 1.0  # initial gate temperature
   c.beta_max = 200.0  # temperature reached at the end of each phase
   c.csq_init = "float"  # float: bit planes of the model's He init; random: random bit logits
-  c.logit_init = 2.0  # magnitude of the initial bit logits
+  c.logit_init = 1.0  # magnitude of the initial bit logits (the authors' code: bits 0/1)
   c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary
-  c.mask_momentum = 0.9  # SGD momentum of the mask logits
+  c.mask_momentum = 0.9  # SGD momentum of the mask logits (the paper: plain SGD, 0.9)
   # Path rules (regex on the /-joined param path, first full match wins):
   # (pattern, "quantize" | "float" | "fixed"[, bits]). Unmatched params stay float.
   c.rules = (

@@ -34,7 +34,7 @@ def test_activation_quantizer_is_inserted():
   m = models.create_model("small_cnn", 10, activations.activation_factory("pact", 3))
   v = m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
   alphas = [x for p, x in jax.tree_util.tree_flatten_with_path(v["params"])[0] if p[-1].key == "alpha"]
-  assert len(alphas) == 5 and all(float(a) == 10.0 for a in alphas)
+  assert len(alphas) == 7 and all(float(a) == 10.0 for a in alphas)
 
 
 def test_unknown_model():

@@ -58,7 +58,7 @@ def test_tiny_run_writes_outputs_and_hard_model_is_exact(tiny_config, tmp_path):
   assert on_disk["exactly_quantized"] is True
   # Six quantized layers of the small CNN; params-weighted average recomputed here.
   layers = on_disk["layers"]
-  assert [l["name"] for l in layers] == [f"conv{i}/kernel" for i in range(5)] + ["head/kernel"]
+  assert [l["name"] for l in layers] == [f"conv{i}/kernel" for i in range(7)] + ["head/kernel"]
   n = np.array([l["params"] for l in layers])
   b = np.array([l["bits"] for l in layers])
   np.testing.assert_allclose(on_disk["avg_bits"], (n * b).sum() / n.sum(), rtol=1e-6)

@@ -1,7 +1,8 @@
 """Input pipelines, chosen by ``config.dataset``.
 
 * ``digits``: scikit-learn's 8x8 handwritten digits (shipped inside the
-  package, no download), a fixed stratified 80/20 split.
+  package, no download), a fixed stratified 80/20 split, training images
+  shifted by up to one pixel.
 * ``npz:PATH``: a user's arrays ``x_train, y_train, x_test, y_test``; images
   NHWC (or NHW) uint8 or float, any size and channel count; the number of
   classes is read off the labels.
@@ -85,7 +86,7 @@ def _standardizer(mean, std) -> Callable[[np.ndarray], np.ndarray]:
   return normalize
 
 
-def _array_dataset(name, x_train, y_train, x_test, y_test) -> Dataset:
+def _array_dataset(name, x_train, y_train, x_test, y_test, augment_fn=None) -> Dataset:
   x_train, x_test = (_as_nhwc(name, x) for x in (x_train, x_test))
   if x_train.shape[1:] != x_test.shape[1:]:
     raise DataError(f"{name}: train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ in shape.")
@@ -101,6 +102,7 @@ def _array_dataset(name, x_train, y_train, x_test, y_test) -> Dataset:
       num_classes=num_classes,
       image_shape=tuple(x_train.shape[1:]),
       normalize=_standardizer(mean, std),
+      augment=augment_fn,
   )
 
 
@@ -134,7 +136,7 @@ def load_digits_dataset() -> Dataset:
   x_tr, x_te, y_tr, y_te = train_test_split(
       x, digits.target, test_size=0.2, random_state=0, stratify=digits.target
   )
-  return _array_dataset("digits", x_tr, y_tr, x_te, y_te)
+  return _array_dataset("digits", x_tr, y_tr, x_te, y_te, augment.random_shift)
 
 
 def load_npz_dataset(path: str) -> Dataset:

@@ -1,9 +1,11 @@
 """A small VGG-style CNN sized for 8x8 images (scikit-learn's digits).
 
-Five 3x3 conv layers (16-32 | 32-64 | 64 channels, 2x2 max-pool between
-groups), BN + activation after each, global average pooling and a dense head:
-70k weights in six quantized layers of different sizes, so the mixed-precision
-search has real choices to make and still runs in minutes on a CPU.
+Seven 3x3 conv layers of 32 channels in three groups (8x8, 4x4, 2x2; 2x2
+max-pool between groups), BN + activation after each, global average pooling
+and a dense head: 56k weights in eight quantized layers. Six of them hold 16%
+of the weights each, so one bit of one layer moves the average precision by
+at most 0.17 bit and a budget can be met closely; the first conv and the head
+are small, as in ResNets. It runs in minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from csq_jax.quantizers.activations import ReLU
 
 class SmallCNN(nn.Module):
   num_classes: int = 10
-  stages: Sequence[Sequence[int]] = ((16, 32), (32, 64), (64,))
+  stages: Sequence[Sequence[int]] = ((32, 32, 32), (32, 32), (32, 32))
   act: Callable[[], nn.Module] = ReLU
   dtype: jnp.dtype = jnp.float32
 
