@@ -23,6 +23,7 @@ def tiny_config():
   """The default job shrunk: same model, data and method, a few epochs."""
   c = load_config("default")
   c.num_epochs = 2
+  c.finetune_epochs = 0
   c.progress = False
   c.tensorboard = False
   return c
