@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from csq_jax import checkpoint, data, train
@@ -24,6 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   try:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
