@@ -127,12 +127,13 @@ def plot_avg_bits(records: list[dict[str, Any]], summary: dict[str, Any], path: 
   ax.set_xlabel("epoch")
   ax.set_ylabel("average weight precision (bits)")
   ax.set_title(f"{summary['method'].upper()} {summary['model']}: precision during training")
+  handles = ax.get_lines()
   acc = [(r["epoch"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
   if acc:
     ax2 = ax.twinx()
-    ax2.plot(*zip(*[(e, 100 * a) for e, a in acc]), color="tab:green", alpha=0.6, label="test acc (hard)")
+    handles += ax2.plot(*zip(*[(e, 100 * a) for e, a in acc]), color="tab:green", alpha=0.6,
+                        label="test accuracy, hard-quantized")
     ax2.set_ylabel("test accuracy, hard-quantized (%)")
-    ax2.legend(loc="center right")
-  ax.legend(loc="upper right")
+  ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
   _save(fig, path)
   plt.close(fig)
