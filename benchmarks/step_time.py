@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------
-# Child: measure one method in this process.
+# Child: the measurements, in this (fresh) process.
 
 
 def _maxrss_bytes() -> int:

@@ -84,6 +84,13 @@ def bit_selection(w: CSQWeight, beta, hard: bool = False) -> jax.Array:
 def materialize(w: CSQWeight, beta, hard: bool = False) -> jax.Array:
   """The weight tensor of Eqs. (3)-(5); with ``hard`` every gate is a unit step.
 
+  The soft path has a custom gradient that keeps nothing of shape
+  ``[n_bits, *kernel]`` from the forward pass: the backward pass recomputes
+  the gates from the logits (which are alive anyway as parameters), so
+  training holds no more than the bit-plane parameters, their gradients and
+  optimizer state beyond what the float model needs. Being a ``custom_vjp``,
+  it supports reverse-mode differentiation only.
+
   Args:
     w: the layer's bit-level parameters.
     beta: gate temperature (ignored when ``hard``).
@@ -93,11 +100,56 @@ def materialize(w: CSQWeight, beta, hard: bool = False) -> jax.Array:
     The weight, shape ``w.shape``, dtype of the logits.
   """
   n = w.n_bits
-  bits = gates.gate(w.pos_logits, beta, hard) - gates.gate(w.neg_logits, beta, hard)
-  coeff = place_values(n, bits.dtype) * bit_selection(w, beta, hard)
-  # One contraction over the bit axis: no [n_bits, ...] product is kept.
-  integer_like = jnp.tensordot(coeff, bits, axes=1)
-  return (w.scale / (2.0**n - 1.0)) * integer_like
+  if hard:
+    bits = gates.hard_gate(w.pos_logits) - gates.hard_gate(w.neg_logits)
+    coeff = place_values(n, bits.dtype) * bit_selection(w, beta, hard=True)
+    return (w.scale / (2.0**n - 1.0)) * jnp.tensordot(coeff, bits, axes=1)
+  dtype = w.pos_logits.dtype
+  beta = jnp.asarray(beta, dtype)
+  coeff = place_values(n, dtype) * bit_selection(w, beta)
+  return _soft_weight(w.pos_logits, w.neg_logits, coeff, w.scale, beta)
+
+
+@jax.custom_vjp
+def _soft_weight(pos, neg, coeff, scale, beta):
+  """``scale/(2^n-1) * sum_b coeff[b] (f(pos[b]) - f(neg[b]))``, summed plane by
+  plane (the bit axis is static) so no ``[n_bits, ...]`` array is formed."""
+  acc = jnp.zeros(pos.shape[1:], pos.dtype)
+  for b in range(pos.shape[0]):
+    acc = acc + coeff[b] * (gates.soft_gate(pos[b], beta) - gates.soft_gate(neg[b], beta))
+  return (scale / (2.0 ** pos.shape[0] - 1.0)) * acc
+
+
+def _soft_weight_fwd(pos, neg, coeff, scale, beta):
+  return _soft_weight(pos, neg, coeff, scale, beta), (pos, neg, coeff, scale, beta)
+
+
+def _soft_weight_bwd(residuals, g):
+  pos, neg, coeff, scale, beta = residuals
+  n = pos.shape[0]
+  k = scale / (2.0**n - 1.0)
+  p, m, g1 = pos.reshape(n, -1), neg.reshape(n, -1), g.reshape(-1)
+  kcg = (k * coeff)[:, None] * g1[None]
+  sp, sn = gates.soft_gate(p, beta), gates.soft_gate(m, beta)
+  dsp, dsn = sp * (1 - sp), sn * (1 - sn)  # sigma' of Eq. (2), up to the factor beta
+  # The gates of sum_i bits_b * g are written as 0.5 + 0.5 tanh(x/2) (the same
+  # sigmoid) so that XLA does not share them with sp/sn: shared, they depend on
+  # the logits alone and XLA:CPU computes them in the forward pass, keeping every
+  # layer's [n_bits, N] copy alive at the activation peak.
+  tanh_gate = lambda x: 0.5 + 0.5 * jnp.tanh(0.5 * x)
+  # The sum over weights as a mat-vec with ones: XLA:CPU fuses it with the
+  # product instead of materializing [n_bits, N] for a reduction (and is ~3x faster).
+  raw = ((tanh_gate(beta * p) - tanh_gate(beta * m)) * g1[None]) @ jnp.ones_like(g1)
+  return (
+      (beta * dsp * kcg).reshape(pos.shape),
+      (-beta * dsn * kcg).reshape(neg.shape),
+      k * raw,
+      (jnp.dot(coeff, raw) / (2.0**n - 1.0)).astype(scale.dtype),
+      jnp.reshape(jnp.sum((p * dsp - m * dsn) * kcg), jnp.shape(beta)).astype(beta.dtype),
+  )
+
+
+_soft_weight.defvjp(_soft_weight_fwd, _soft_weight_bwd)
 
 
 def integer_weights(w: CSQWeight) -> jax.Array:
