@@ -253,3 +253,9 @@ def test_layer_traces_for_small_cnn():
   for p, m in est.mean.items():
     assert np.isfinite(m) and np.isfinite(est.stderr[p]) and m > 0, (p, m)
     assert np.all(est.samples[p] >= -1e-6 * m), (p, est.samples[p])
+  # Two batches through the model at once (the default) or scanned: one loss.
+  images = jnp.stack([b["image"] for b in batches[:2]])
+  labels = jnp.stack([b["label"] for b in batches[:2]])
+  flat, scanned = (jax.jit(hessian.ClassifierLoss(model, scan))(variables["params"], variables["batch_stats"],
+                                                                 images, labels) for scan in (False, True))
+  assert float(flat) == pytest.approx(float(scanned), rel=1e-5)
