@@ -10,7 +10,6 @@ as ``beta -> inf``. The temperature grows exponentially over training:
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 
 

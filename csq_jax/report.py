@@ -14,9 +14,7 @@ import json
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from csq_jax import budget, metric_writers, quantizers, transform
 

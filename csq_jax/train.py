@@ -16,7 +16,6 @@ the quantizer parameters (``transform.materialize``) and hands them to a plain
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny configs that run the real pipeline in seconds."""
 
 import os
-import sys
 
 import pytest
 

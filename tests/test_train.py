@@ -7,12 +7,11 @@ import sys
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from csq_jax import budget, checkpoint, data, quantizers, train, transform
+from csq_jax import checkpoint, data, train
 
 
 def _leaves_equal(a, b):
