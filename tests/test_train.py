@@ -170,12 +170,13 @@ def test_baseline_methods_run_with_fixed_precision(tiny_config, tmp_path, method
 
 
 def test_target_bits_is_reached_on_the_default_job(tmp_path):
-  """The default job, shortened, ends within 0.15 bit of its target."""
+  """The default job, shortened to 100 + 10 epochs, ends within 0.15 bit of its
+  hardest target (2 bits). Shorter schedules (80 + 8) ended 0.18 bit over it."""
   c = load_config("default")
   c.progress = False
   c.tensorboard = False
-  c.num_epochs = 40
-  c.finetune_epochs = 4
+  c.num_epochs = 100
+  c.finetune_epochs = 10
   c.target_bits = 2.0
   s = train.train_and_evaluate(c, str(tmp_path))
   assert abs(s["avg_bits"] - 2.0) <= 0.15, s["layers"]
