@@ -354,8 +354,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not math.isfinite(float(train["loss"])):
       raise NonFiniteLossError(
           f"The training loss became {float(train['loss'])} in epoch {epoch + 1} ({phase.name} steps"
-          f" up to {int(state.step)}). Nothing of this epoch was saved; the last good checkpoint"
-          f" (epoch {done}) in {mngr.directory} is kept. Lower learning_rate or reg_strength and rerun."
+          f" up to {int(state.step)}). Nothing of this epoch was saved; "
+          + (f"the last good checkpoint (epoch {done}) in {mngr.directory} is kept."
+             if done else "no checkpoint had been saved yet.")
+          + " Lower learning_rate or reg_strength and rerun."
       )
     metrics = {f"train_{k}": v for k, v in train.items()}
     if (epoch + 1) % config.eval_every == 0 or epoch + 1 == total_epochs:
