@@ -66,11 +66,7 @@ def exactly_quantized(params) -> bool:
   for leaf in transform.quantized_leaves(params).values():
     w = quantizers.materialize(leaf, None, hard=True)
     q = quantizers.integer_weights(leaf)
-    if isinstance(leaf, quantizers.CSQWeight):
-      step = leaf.scale / (2.0**leaf.n_bits - 1)
-    else:
-      step = quantizers.ste.scale_of(leaf) / (2.0**leaf.bits - 1)
-    if not bool(jnp.allclose(w, q * step, rtol=1e-6, atol=1e-7)):
+    if not bool(jnp.allclose(w, q * quantizers.step_size(leaf), rtol=1e-6, atol=1e-7)):
       return False
   return True
 

@@ -45,6 +45,11 @@ def integer_weights(leaf) -> jax.Array:
   return _module(leaf).integer_weights(leaf)
 
 
+def step_size(leaf) -> jax.Array:
+  """Weight value of one integer unit of the exactly quantized weight."""
+  return _module(leaf).step_size(leaf)
+
+
 def num_weights(leaf) -> int:
   size = 1
   for d in leaf.shape:
@@ -71,4 +76,5 @@ __all__ = [
     "materialize",
     "num_weights",
     "precision",
+    "step_size",
 ]

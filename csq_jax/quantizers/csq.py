@@ -164,6 +164,11 @@ def integer_weights(w: CSQWeight) -> jax.Array:
   return jnp.tensordot(places, digits, axes=1)
 
 
+def step_size(w: CSQWeight) -> jax.Array:
+  """Weight value of one integer unit: ``W = step_size * integer_weights`` (hard)."""
+  return w.scale / (2.0**w.n_bits - 1.0)
+
+
 def precision(w: CSQWeight) -> jax.Array:
   """Bits the layer uses: ``sum_b I(m_B^b >= 0)`` (Sec. III-B), an int32 scalar."""
   if w.mask_mode == "none":

@@ -69,6 +69,11 @@ def materialize(w: STEWeight, beta=None, hard: bool = False) -> jax.Array:
   return round_ste(w.latent / s * levels) * (s / levels)
 
 
+def step_size(w: STEWeight) -> jax.Array:
+  """Weight value of one integer unit: ``W_q = step_size * integer_weights``."""
+  return scale_of(w) / _levels(w.bits)
+
+
 def precision(w: STEWeight) -> jax.Array:
   return jnp.asarray(w.bits, jnp.int32)
 
