@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from csq_jax.models.resnet_cifar import CifarResNet
+from csq_jax.models.resnet_imagenet import ImageNetResNet
 from csq_jax.models.small_cnn import SmallCNN
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -16,6 +17,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: CifarResNet(blocks_per_stage=3, **kw),
     "resnet32": lambda **kw: CifarResNet(blocks_per_stage=5, **kw),
     "resnet56": lambda **kw: CifarResNet(blocks_per_stage=9, **kw),
+    "resnet18": lambda **kw: ImageNetResNet(stage_sizes=(2, 2, 2, 2), block="basic", **kw),
+    "resnet34": lambda **kw: ImageNetResNet(stage_sizes=(3, 4, 6, 3), block="basic", **kw),
+    "resnet50": lambda **kw: ImageNetResNet(stage_sizes=(3, 4, 6, 3), block="bottleneck", **kw),
 }
 
 
