@@ -119,7 +119,7 @@ def build(method: str, args: argparse.Namespace):
   import jax
 
   from configs import default as default_config
-  from csq_jax import train
+  from csq_jax import methods, train
 
   config = default_config.get_config()
   config.model = args.model
@@ -131,7 +131,7 @@ def build(method: str, args: argparse.Namespace):
   phases = train.make_phases(config, steps_per_epoch=CIFAR10_TRAIN_EXAMPLES // args.batch_size)
   model = train.create_model(config, NUM_CLASSES)
   state, _ = train.init_state(config, model, IMAGE_SHAPE, phases[0], jax.random.key(config.seed))
-  step = train.make_train_step(model, phases[0], config)
+  step = train.make_train_step(model, phases[0], methods.get(config))
   return step, jax.block_until_ready(state)
 
 

@@ -8,19 +8,40 @@ Pick the budget and the activation precision by override:
       --config.data_dir=$HOME/tensorflow_datasets --config.target_bits=2 --config.act_bits=3
 
 ``--config=configs/cifar10_resnet20.py:runlocal`` shrinks it to a 2-epoch smoke test.
+
+The rival methods' recipes are selected the same way (comma-separated, e.g.
+``:bsq,runlocal``):
+
+* ``:bsq`` -- BSQ's reference ResNet-20 setup (its public code): start from
+  a float model's 8-bit quantization (``init_from``: the workdir of a
+  ``--config.method=fp`` run), 350 epochs, lr 0.1 stepped x0.1 at epoch 250,
+  weight decay 1e-4, alpha 0.01, re-quantization every 100 epochs, threshold
+  0, then 300 finetune epochs at lr 0.01 with the scheme fixed.
+* ``:msq`` -- MSQ (no public code; our choices, documented in
+  ``csq_jax/quantizers/msq.py``): 350 epochs, cosine lr 0.1, weight decay
+  5e-4, lambda 0.05, LSB sparsity checked every 10 epochs with threshold
+  0.9, Hessian-aware k from 8 probes on 2 batches, 30 finetune epochs.
+* ``:ste``, ``:csq_uniform``, ``:fp`` -- the baselines on CSQ's schedule.
 """
 
 import ml_collections
 
 
-def get_config(runlocal: str = "") -> ml_collections.ConfigDict:
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = {a.strip() for a in arg.split(",") if a.strip()}
+  methods = args & {"bsq", "msq", "ste", "csq_uniform", "fp", "csq"}
+  unknown = args - methods - {"runlocal"}
+  if unknown or len(methods) > 1:
+    raise ValueError(f"Config arguments {sorted(args)}: expected at most one of bsq, msq, ste, csq_uniform,"
+                     " fp, csq, and optionally runlocal.")
   c = ml_collections.ConfigDict()
   # What to train.
   c.model = "resnet20"  # He et al.'s 3x3 basic-block ResNet-20, 0.27M params
   c.dataset = "tfds:cifar10"
   c.data_dir = ""  # tfds data_dir holding cifar10 prepared as ArrayRecord (see README)
-  c.method = "csq"  # csq (mixed precision) | csq_uniform | ste | fp
+  c.method = "csq"  # csq | csq_uniform | ste | fp | bsq | msq (README: methods)
   c.seed = 0
+  c.init_from = ""  # workdir of a finished fp run to start from ("" = random init)
 
   # Quantization (Sec. III). n_bits bit planes per layer; the budget is the
   # parameter-weighted average precision of the counted layers.
@@ -40,6 +61,17 @@ def get_config(runlocal: str = "") -> ml_collections.ConfigDict:
       (".*shortcut_conv/kernel", "float"),  # 1x1 downsample convs: float, not counted
       (".*kernel", "quantize"),  # every other conv and dense kernel, first and last included
   )
+  # BSQ and MSQ knobs (see configs/default.py for what each means).
+  c.bsq_alpha = 0.01
+  c.bsq_requant_every = 100
+  c.bsq_threshold = 0.0
+  c.msq_lambda = 0.05
+  c.msq_prune_every = 10
+  c.msq_threshold = 0.9
+  c.msq_hessian = True
+  c.msq_hessian_probes = 8
+  c.msq_hessian_batches = 2
+  c.budget_tolerance = 0.25
   c.act_bits = 32  # A-bits of Table I: 32, 3 or 2 (PACT)
   c.act_quantizer = "pact"  # pact | relu6 | maxabs
 
@@ -51,6 +83,10 @@ def get_config(runlocal: str = "") -> ml_collections.ConfigDict:
   c.warmup_epochs = 0
   c.momentum = 0.9
   c.weight_decay = 5e-4
+  c.lr_decay = "cosine"  # cosine | step (lr_step_factor at each of lr_step_epochs)
+  c.lr_step_epochs = ()
+  c.finetune_lr_step_epochs = ()
+  c.lr_step_factor = 0.1
   # Optional mixed-precision finetune (Alg. 1): masks frozen, beta rewound.
   c.finetune_epochs = 0
   c.finetune_learning_rate = 0.01
@@ -67,7 +103,22 @@ def get_config(runlocal: str = "") -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.progress = True
   c.fp_accuracy = 0.9262  # the paper's float ResNet-20 (Table I)
-  if runlocal:
+  if methods:
+    c.method = methods.pop()
+  if c.method == "bsq":
+    c.num_epochs = 350
+    c.lr_decay = "step"
+    c.lr_step_epochs = (250,)
+    c.weight_decay = 1e-4
+    c.finetune_epochs = 300
+    c.finetune_learning_rate = 0.01
+  elif c.method == "msq":
+    c.num_epochs = 350
+    c.finetune_epochs = 30
+  if "runlocal" in args:
     c.num_epochs = 2
+    c.finetune_epochs = min(c.finetune_epochs, 1)
     c.eval_every = 1
+    c.bsq_requant_every = 1
+    c.msq_prune_every = 1
   return c

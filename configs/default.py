@@ -15,8 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = "small_cnn"  # see csq_jax/models: small_cnn, resnet20, resnet32, resnet56
   c.dataset = "digits"  # digits | npz:PATH | tfds:NAME (then set data_dir)
   c.data_dir = ""  # tfds data_dir holding the prepared data set
-  c.method = "csq"  # csq (mixed precision) | csq_uniform | ste | fp
+  c.method = "csq"  # csq | csq_uniform | ste | fp | bsq | msq (README: methods)
   c.seed = 0
+  # Workdir of a finished float run (--config.method=fp) of the same model and
+  # data set to start from, instead of the random init ("" = random init).
+  c.init_from = ""
 
   # Quantization (Sec. III). n_bits bit planes per layer; the budget is the
   # parameter-weighted average precision of the counted layers.
@@ -39,6 +42,29 @@ def get_config() -> ml_collections.ConfigDict:
       (".*shortcut_conv/kernel", "float"),  # 1x1 downsample convs: float, not counted
       (".*kernel", "quantize"),  # every other conv and dense kernel, first and last included
   )
+  # BSQ (method="bsq", ref. [8] of CSQ): 8-bit planes of the init, clamped to
+  # [0, 2]; bit-level group Lasso of strength bsq_alpha (on while the average
+  # precision is above the target); re-quantization and precision adjustment
+  # every bsq_requant_every search epochs; LSB planes with at most
+  # bsq_threshold non-zero entries are dropped.
+  c.bsq_alpha = 0.5
+  c.bsq_requant_every = 5
+  c.bsq_threshold = 0.0
+  # MSQ (method="msq"): L1 of strength msq_lambda on each layer's LSBs (on
+  # while above the target); every msq_prune_every search epochs, layers whose
+  # penalized LSBs are zero for at least msq_threshold of their weights drop
+  # them: 2 bits at once where the Hessian-aware sensitivity is below the mean
+  # (msq_hessian; Hutchinson with msq_hessian_probes probes on
+  # msq_hessian_batches training batches), else 1.
+  c.msq_lambda = 0.05
+  c.msq_prune_every = 5
+  c.msq_threshold = 0.9
+  c.msq_hessian = True
+  c.msq_hessian_probes = 8
+  c.msq_hessian_batches = 1
+  # BSQ/MSQ precision moves in steps: a step may undershoot the target by at
+  # most this much (average bits).
+  c.budget_tolerance = 0.25
   c.act_bits = 32  # activation precision (A-bits); 32 = float ReLU
   c.act_quantizer = "pact"  # pact | relu6 | maxabs
 
@@ -50,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 0
   c.momentum = 0.9
   c.weight_decay = 5e-4
+  c.lr_decay = "cosine"  # cosine | step (lr_step_factor at each of lr_step_epochs)
+  c.lr_step_epochs = ()
+  c.finetune_lr_step_epochs = ()
+  c.lr_step_factor = 0.1
   # Mixed-precision finetune (Alg. 1): masks frozen, no budget term.
   c.finetune_epochs = 15
   c.finetune_learning_rate = 0.01

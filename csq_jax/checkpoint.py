@@ -53,6 +53,10 @@ def latest_epoch(mngr: ocp.CheckpointManager) -> int | None:
 def restore(mngr: ocp.CheckpointManager, epoch: int, template: Any, config) -> tuple[Any, dict]:
   """Restore the state saved after ``epoch`` epochs into ``template``'s structure.
 
+  ``template`` is a state pytree, or ``template(meta) -> state`` when the
+  structure depends on what the checkpoint recorded (precisions changed by
+  BSQ re-quantization or MSQ pruning, ``meta["structure"]``).
+
   Raises:
     CheckpointError: the checkpoint belongs to another model/method/data set,
       or is unreadable (corrupt, truncated, from an incompatible version).
@@ -73,6 +77,14 @@ def restore(mngr: ocp.CheckpointManager, epoch: int, template: Any, config) -> t
         f"The workdir's checkpoints belong to another run: {diff} (checkpoint vs config)."
         " Use a new --workdir, or run with the checkpoint's settings to resume it."
     )
+  if callable(template):
+    try:
+      template = template(meta)
+    except (KeyError, ValueError, TypeError) as e:
+      raise CheckpointError(
+          f"Checkpoint {epoch} in {directory} records a quantizer structure this run cannot rebuild"
+          f" ({type(e).__name__}: {e}). Use a new --workdir."
+      ) from e
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
   try:
     restored = mngr.restore(
@@ -85,3 +97,40 @@ def restore(mngr: ocp.CheckpointManager, epoch: int, template: Any, config) -> t
         " or use a new --workdir."
     ) from e
   return restored, meta
+
+
+def restore_float_weights(workdir: str, template: Any, config) -> tuple[Any, Any]:
+  """``(params, batch_stats)`` of the latest checkpoint of a float (``fp``) run.
+
+  ``template`` is that run's state structure (an ``fp`` init state of the same
+  model). Used by ``config.init_from`` to start quantization from a trained
+  float model (BSQ starts from a pretrained one).
+
+  Raises:
+    CheckpointError: no checkpoint there, not a float run of this model and
+      data set, or unreadable.
+  """
+  mngr = manager(workdir)
+  epoch = mngr.latest_step()
+  if epoch is None:
+    raise CheckpointError(
+        f"init_from={workdir!r} holds no checkpoint. Train the float model first"
+        f" (--config.method=fp --workdir={workdir}) or clear init_from."
+    )
+  meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  wanted = {"method": "fp", "model": config.model, "dataset": config.dataset}
+  found = {k: meta.get(k) for k in wanted}
+  if found != wanted:
+    raise CheckpointError(
+        f"init_from={workdir!r} is a run of {found}, not a float run of {wanted}."
+        " Point init_from at the workdir of a --config.method=fp run of this model and data set."
+    )
+  state, _ = restore(mngr, epoch, template, _with(config, method="fp", n_bits=meta.get("n_bits")))
+  mngr.close()
+  return state.params, state.batch_stats
+
+
+def _with(config, **fields):
+  c = config.copy_and_resolve_references()
+  c.update(fields)
+  return c

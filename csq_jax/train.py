@@ -1,12 +1,16 @@
-"""Training: state, pure jitted steps, and the CSQ loop of Algorithm 1.
+"""Training: state, pure jitted steps, and one loop for every method.
 
-Phase 1 trains every quantizer parameter with the budget-aware objective of
-Eq. (7) while the gate temperature grows as ``beta0 * beta_max^(t/T)``.
-Phase 2 (``finetune_epochs > 0``) freezes each layer's bit selection to
-``I(m_B >= 0)`` (Eq. 4), rewinds beta and trains the selected bits and the
-scale with the task loss alone. The final model is evaluated with every gate
-a unit step, i.e. exactly quantized, after its BN statistics are re-estimated
-under those hard weights (``bn_recalibration_epochs``).
+The loop is Algorithm 1 of CSQ, with the method's hooks (``methods.py``) at
+fixed points. Phase 1 (the search, named after the method) trains every
+quantizer parameter with the task loss plus the method's regularizer (CSQ:
+the budget-aware objective of Eq. 7) while the gate temperature grows as
+``beta0 * beta_max^(t/T)``; after each of its epochs the method may adjust
+the quantizers on the host (BSQ re-quantizes, MSQ prunes LSBs). Phase 2
+(``finetune_epochs > 0``) fixes the scheme (CSQ freezes each layer's bit
+selection to ``I(m_B >= 0)``, Eq. 4), rewinds beta and trains with the task
+loss alone. The final model is evaluated exactly quantized (every gate a unit
+step), after its BN statistics are re-estimated under those hard weights
+(``bn_recalibration_epochs``).
 
 The model never holds quantized weights: ``train_step`` materializes them from
 the quantizer parameters (``transform.materialize``) and hands them to a plain
@@ -19,6 +23,8 @@ import dataclasses
 import math
 import os
 import re
+import resource
+import statistics
 import time
 from typing import Any, Callable
 
@@ -30,7 +36,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from csq_jax import budget, checkpoint, data, gates, metric_writers, models, report, transform
+from csq_jax import budget, checkpoint, data, gates, methods, metric_writers, models, report, transform
 from csq_jax.quantizers import activations
 from csq_jax.quantizers.csq import CSQWeight
 
@@ -55,6 +61,9 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------
 # Config checks
 
+SEARCH_METHODS = ("csq", "bsq", "msq")  # mixed precision found under the budget
+LR_DECAYS = ("cosine", "step")
+
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raise one clear ``ConfigError`` for a config that cannot run."""
@@ -64,7 +73,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"Unknown method {config.method!r}; expected one of {transform.METHODS}.")
   if not 1 <= config.n_bits <= 16:
     raise ConfigError(f"n_bits must be in 1..16, got {config.n_bits}.")
-  if config.method == "csq" and not 1 <= config.target_bits <= config.n_bits:
+  if config.method in SEARCH_METHODS and not 1 <= config.target_bits <= config.n_bits:
     raise ConfigError(
         f"target_bits={config.target_bits} is impossible with n_bits={config.n_bits} bit planes:"
         f" choose a target in [1, {config.n_bits}] (or raise n_bits)."
@@ -77,6 +86,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("num_epochs must be >= 1 and finetune_epochs >= 0.")
   if config.batch_size < 1 or config.learning_rate <= 0:
     raise ConfigError("batch_size and learning_rate must be positive.")
+  if config.lr_decay not in LR_DECAYS:
+    raise ConfigError(f"Unknown lr_decay {config.lr_decay!r}; expected one of {LR_DECAYS}.")
+  if config.method == "msq" and not 0.0 <= config.msq_threshold <= 1.0:
+    raise ConfigError(f"msq_threshold is a fraction of weights, in [0, 1]; got {config.msq_threshold}.")
+  if config.method == "bsq" and not 0.0 <= config.bsq_threshold < 1.0:
+    raise ConfigError(f"bsq_threshold is a fraction of weights, in [0, 1); got {config.bsq_threshold}.")
   try:
     transform.rules_from_config(config.rules)
     transform.QuantizeSpec(config.method, config.n_bits, config.csq_init, config.logit_init)
@@ -90,7 +105,7 @@ def uniform_bits(config) -> int:
 
 
 def quantize_spec(config) -> transform.QuantizeSpec:
-  n_bits = config.n_bits if config.method == "csq" else uniform_bits(config)
+  n_bits = config.n_bits if config.method in SEARCH_METHODS else uniform_bits(config)
   return transform.QuantizeSpec(config.method, n_bits, config.csq_init, config.logit_init)
 
 
@@ -131,9 +146,15 @@ def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransfo
   )
 
 
-def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0) -> optax.Schedule:
-  """Cosine annealing over the phase, with optional linear warm-up."""
+def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0,
+                decay: str = "cosine", step_epochs=(), step_factor: float = 0.1) -> optax.Schedule:
+  """Cosine annealing over the phase with optional linear warm-up, or
+  (``decay="step"``) ``base_lr`` times ``step_factor`` at each of
+  ``step_epochs`` (BSQ's recipe: 0.1 at epoch 250 of 350)."""
   total = max(epochs * steps_per_epoch, 1)
+  if decay == "step":
+    return optax.piecewise_constant_schedule(
+        base_lr, {int(e * steps_per_epoch): step_factor for e in step_epochs if 0 < e < epochs})
   warmup = int(warmup_epochs * steps_per_epoch)
   if warmup > 0:
     return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup, total)
@@ -144,7 +165,7 @@ def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs
 class Phase:
   """One phase of Alg. 1: its epochs, schedules and optimizer."""
 
-  name: str  # "csq" (phase 1) or "finetune"
+  name: str  # the method's name (phase 1, the search) or "finetune"
   epochs: int
   beta: optax.Schedule
   lr: optax.Schedule
@@ -154,14 +175,14 @@ class Phase:
 
 def make_phases(config, steps_per_epoch: int) -> list[Phase]:
   phases = []
-  spec = [("csq", config.num_epochs, config.learning_rate, config.warmup_epochs,
-           config.beta0, config.beta_max, config.method == "csq")]
+  spec = [(config.method, config.num_epochs, config.learning_rate, config.warmup_epochs,
+           config.beta0, config.beta_max, config.method in SEARCH_METHODS, config.lr_step_epochs)]
   if config.finetune_epochs > 0:
     spec.append(("finetune", config.finetune_epochs, config.finetune_learning_rate, 0,
-                 config.finetune_beta0, config.finetune_beta_max, False))
-  for name, epochs, lr, warmup, beta0, beta_max, penalty in spec:
+                 config.finetune_beta0, config.finetune_beta_max, False, config.finetune_lr_step_epochs))
+  for name, epochs, lr, warmup, beta0, beta_max, penalty, step_epochs in spec:
     total = epochs * steps_per_epoch
-    lr_fn = lr_schedule(lr, epochs, steps_per_epoch, warmup)
+    lr_fn = lr_schedule(lr, epochs, steps_per_epoch, warmup, config.lr_decay, step_epochs, config.lr_step_factor)
     phases.append(Phase(name, epochs, gates.beta_schedule(total, beta0, beta_max), lr_fn,
                         make_optimizer(config, lr_fn), penalty))
   return phases
@@ -173,25 +194,44 @@ def create_model(config, num_classes: int):
 
 
 def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
-  """Float init of the model, quantized by the config's rules."""
+  """The model's float init (or, with ``config.init_from``, a trained float
+  run's weights), quantized by the config's rules."""
   init_key, q_key = jax.random.split(key)
   variables = model.init(init_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  if config.get("init_from"):
+    float_state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, phase.tx.init(params))
+    params, batch_stats = checkpoint.restore_float_weights(config.init_from, float_state, config)
   qparams, report_ = transform.quantize_params(
-      variables["params"], transform.rules_from_config(config.rules), quantize_spec(config), q_key
+      params, transform.rules_from_config(config.rules), quantize_spec(config), q_key
   )
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=qparams,
-      batch_stats=variables.get("batch_stats", {}),
+      batch_stats=batch_stats,
       opt_state=phase.tx.init(qparams),
   )
   return state, report_
 
 
-def start_finetune(state: TrainState, phase: Phase) -> TrainState:
-  """Alg. 1's second phase: freeze the bit selection, fresh optimizer, beta rewound (step 0)."""
-  params = transform.set_mask_mode(state.params, "frozen")
+def start_finetune(state: TrainState, phase: Phase, method: methods.Method) -> TrainState:
+  """Alg. 1's second phase: the method fixes its scheme (CSQ freezes the bit
+  selection), fresh optimizer, beta rewound (step 0)."""
+  params = method.start_finetune(state.params)
   return TrainState(jnp.zeros((), jnp.int32), params, state.batch_stats, phase.tx.init(params))
+
+
+def carry_opt_state(tx: optax.GradientTransformation, opt_state, params):
+  """Optimizer state for ``params`` after a precision change (BSQ's planes,
+  MSQ's static bits): each leaf of the old state whose shape still fits is
+  kept (momentum of unchanged layers survives), the others start at zero."""
+  fresh = tx.init(params)
+  old = jax.tree_util.tree_leaves(opt_state)
+  new, treedef = jax.tree_util.tree_flatten(fresh)
+  if len(old) != len(new):
+    return fresh
+  return jax.tree_util.tree_unflatten(
+      treedef, [o if np.shape(o) == np.shape(n) and o.dtype == n.dtype else n for o, n in zip(old, new)])
 
 
 # ----------------------------------------------------------------------------
@@ -202,11 +242,12 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_train_step(model, phase: Phase, config) -> Callable:
-  """``(state, batch) -> (state, metrics)``, jitted with the state donated."""
-  target = float(config.target_bits)
-  strength = float(config.reg_strength)
-  weighting = config.budget_weighting
+def make_train_step(model, phase: Phase, method: methods.Method) -> Callable:
+  """``(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+  The loss is the cross-entropy plus, in the search phase, the method's
+  regularizer; the method's ``after_update`` follows the optimizer step.
+  """
 
   def train_step(state: TrainState, batch):
     beta = phase.beta(state.step)
@@ -219,15 +260,15 @@ def make_train_step(model, phase: Phase, config) -> Callable:
       )
       ce = jnp.mean(cross_entropy(logits, batch["label"]))
       if phase.penalty:
-        penalty, delta_s = budget.budget_penalty(params, beta, target, strength, weighting)
+        penalty, delta_s = method.regularizer(params, beta)
       else:
-        penalty, delta_s = jnp.zeros(()), jnp.zeros(())
+        penalty, delta_s = jnp.zeros(()), method.delta_s(params)
       aux = dict(logits=logits, batch_stats=updates["batch_stats"], ce=ce, penalty=penalty, delta_s=delta_s)
       return ce + penalty, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = phase.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = method.after_update(optax.apply_updates(state.params, updates))
     new_state = TrainState(state.step + 1, params, aux["batch_stats"], opt_state)
     metrics = dict(
         loss=loss, ce=aux["ce"], penalty=aux["penalty"], delta_s=aux["delta_s"],
@@ -309,6 +350,16 @@ def _phase_of(epoch: int, phases: list[Phase]) -> tuple[int, int]:
   raise IndexError(epoch)
 
 
+def _peak_memory() -> dict[str, float]:
+  """Peak host RSS of this process and, where the backend reports it, peak
+  accelerator memory, in MiB."""
+  out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Run the configured experiment in ``workdir``, resuming from its latest
   checkpoint, and return the summary (also written to ``workdir/summary.json``)."""
@@ -318,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   spe = data.steps_per_epoch(ds, config.batch_size)
   if spe == 0:
     raise data.DataError(f"{ds.name}: batch_size {config.batch_size} exceeds the {ds.num_train} training examples.")
+  method = methods.get(config)
   phases = make_phases(config, spe)
   total_epochs = sum(p.epochs for p in phases)
   model = create_model(config, ds.num_classes)
@@ -328,20 +380,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard)
   done = checkpoint.latest_epoch(mngr) or 0
   if done:
-    if done > phases[0].epochs:  # the checkpoint is of the finetune phase: frozen masks
-      state = start_finetune(state, phases[1])
-    state, _ = checkpoint.restore(mngr, done, state, config)
+    in_finetune = done > phases[0].epochs
+
+    def template(meta):  # the saved structure (precisions may have changed since init)
+      t = start_finetune(state, phases[1], method) if in_finetune else state
+      params = method.restructure(t.params, meta.get("structure", {}))
+      return t.replace(params=params, opt_state=phases[int(in_finetune)].tx.init(params))
+
+    state, _ = checkpoint.restore(mngr, done, template, config)
     logging.info("Resumed from %s after epoch %d.", mngr.directory, done)
   writer.truncate(done)
 
   eval_hard = make_eval_step(model, hard=True)
   eval_soft = make_eval_step(model, hard=False)
-  steps = [make_train_step(model, p, config) for p in phases]
+  steps = [make_train_step(model, p, method) for p in phases]
+  epoch_times = []
   for epoch in range(done, total_epochs):
     pi, pe = _phase_of(epoch, phases)
     phase = phases[pi]
     if pi > 0 and pe == 0:
-      state = start_finetune(state, phase)
+      state = start_finetune(state, phase, method)
     t0 = time.perf_counter()
     per_step = []
     with _progress(spe, f"{phase.name} epoch {epoch + 1}/{total_epochs}", config.progress) as bar:
@@ -351,15 +409,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.update(1)
     train = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *per_step))
     epoch_time = time.perf_counter() - t0
+    epoch_times.append(epoch_time)
     if not math.isfinite(float(train["loss"])):
       raise NonFiniteLossError(
           f"The training loss became {float(train['loss'])} in epoch {epoch + 1} ({phase.name} steps"
           f" up to {int(state.step)}). Nothing of this epoch was saved; "
           + (f"the last good checkpoint (epoch {done}) in {mngr.directory} is kept."
              if done else "no checkpoint had been saved yet.")
-          + " Lower learning_rate or reg_strength and rerun."
+          + " Lower learning_rate or the method's penalty strength (reg_strength, bsq_alpha, msq_lambda)"
+          " and rerun."
       )
     metrics = {f"train_{k}": v for k, v in train.items()}
+    if pi == 0 and phase.penalty:  # the method's between-epoch change (BSQ re-quantization, MSQ pruning)
+      ctx = methods.AdjustContext(
+          epoch=pe + 1, epochs=phase.epochs, model=model, batch_stats=state.batch_stats,
+          batches=lambda: data.train_batches(ds, config.batch_size, config.seed + 2, epoch),
+          key=jax.random.fold_in(jax.random.key(config.seed + 3), epoch),
+      )
+      params, info = method.adjust(state.params, ctx)
+      if params is not state.params:
+        state = state.replace(params=params, opt_state=carry_opt_state(phase.tx, state.opt_state, params))
+      metrics.update({f"adjust_{k}": v for k, v in info.items()})
     if (epoch + 1) % config.eval_every == 0 or epoch + 1 == total_epochs:
       metrics["test_accuracy"], metrics["test_loss"] = evaluate(eval_hard, state, ds, config.eval_batch_size)
       if config.eval_soft:  # the model as trained, gates at the current temperature
@@ -373,15 +443,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         epoch_time_s=epoch_time,
     )
     writer.write(epoch + 1, metrics)
-    checkpoint.save(mngr, epoch + 1, state, {**identity, "epoch": epoch + 1})
+    checkpoint.save(mngr, epoch + 1, state,
+                    {**identity, "epoch": epoch + 1, "structure": method.structure(state.params)})
     done = epoch + 1
   writer.close()
 
+  state = state.replace(params=method.finalize(state.params))
   accuracy_before, _ = evaluate(eval_hard, state, ds, config.eval_batch_size)
   state = recalibrate_batch_norm(model, state, ds, config)
   accuracy, loss = evaluate(eval_hard, state, ds, config.eval_batch_size)
   summary = report.make_summary(config, ds, model, state, accuracy, loss, rules_report)
   summary["test_accuracy_before_bn_recalibration"] = float(accuracy_before)
+  summary["trainable_params"] = methods.trainable_params(state.params)
+  # Median epoch time of this process (the first epoch includes compilation).
+  summary["epoch_time_s"] = statistics.median(epoch_times[1:] or epoch_times) if epoch_times else None
+  summary.update(_peak_memory())
   report.write_outputs(workdir, summary)
   mngr.close()
   return summary

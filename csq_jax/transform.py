@@ -22,11 +22,11 @@ import numpy as np
 from absl import logging
 
 from csq_jax import quantizers
-from csq_jax.quantizers import csq, ste
+from csq_jax.quantizers import bsq, csq, msq, ste
 
 Action = Literal["quantize", "float", "fixed"]
 ACTIONS = ("quantize", "float", "fixed")
-METHODS = ("csq", "csq_uniform", "ste", "fp")
+METHODS = ("csq", "csq_uniform", "ste", "fp", "bsq", "msq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,11 @@ class QuantizeSpec:
 
   Attributes:
     method: ``csq`` (Eq. 5, learned bit mask), ``csq_uniform`` (Eq. 3),
-      ``ste`` (uniform STE QAT) or ``fp`` (leave float).
-    n_bits: CSQ bit planes; the fixed precision for ``csq_uniform``/``ste``.
+      ``ste`` (uniform STE QAT), ``bsq`` (bit planes of Eq. 1, from the
+      kernel's ``n_bits`` quantization), ``msq`` (the float kernel at
+      ``n_bits``) or ``fp`` (leave float).
+    n_bits: CSQ/BSQ bit planes or MSQ's initial precision; the fixed
+      precision for ``csq_uniform``/``ste``.
     init: CSQ initialization, ``"float"`` (decompose the given kernel's
       ``n_bits`` quantization) or ``"random"`` (random bit logits, He scale).
     logit_init: magnitude of the initial CSQ bit logits.
@@ -141,7 +144,7 @@ def quantize_params(
     key: PRNG key, needed for ``init="random"``.
 
   Returns:
-    ``(qparams, report)``: the tree with ``CSQWeight``/``STEWeight`` leaves in
+    ``(qparams, report)``: the tree with quantizer leaves (``CSQWeight``, ...) in
     place of the selected float arrays, and what was done (unused rules are
     also logged as a warning).
   """
@@ -180,6 +183,10 @@ def _apply_rule(leaf, rule: Rule, spec: QuantizeSpec, key, name: str):
   bits = spec.n_bits if rule.bits is None else rule.bits
   if spec.method == "ste":
     return ste.init_from_float(leaf, bits), ("quantize", bits)
+  if spec.method == "bsq":
+    return bsq.init_from_float(leaf, bits), ("quantize", bits)
+  if spec.method == "msq":
+    return msq.init_from_float(leaf, bits), ("quantize", bits)
   mode = "none" if spec.method == "csq_uniform" else "learned"
   if spec.init == "random":
     if key is None:

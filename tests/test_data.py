@@ -95,12 +95,15 @@ def test_tfds_cifar10_through_data_source_on_mock_data(tmp_path):
     assert sum(b["mask"].sum() for b in data.eval_batches(ds, 32)) == ds.num_test
 
 
-def test_cifar_config_runs_two_steps_on_mock_data(tmp_path):
-  c = load_config("cifar10_resnet20", "runlocal")
+@pytest.mark.parametrize("arg", ["runlocal", "msq,runlocal"])
+def test_cifar_config_runs_two_steps_on_mock_data(tmp_path, arg):
+  c = load_config("cifar10_resnet20", arg)
   c.data_dir = str(tmp_path)
   c.num_epochs = 1
+  c.finetune_epochs = 0
   c.batch_size = 32
   c.eval_batch_size = 32
+  c.msq_hessian_batches = 1
   c.progress = False
   c.tensorboard = False
   with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):

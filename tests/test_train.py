@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from csq_jax import checkpoint, data, train
+from csq_jax import checkpoint, data, methods, train
 
 
 def _leaves_equal(a, b):
@@ -76,7 +76,7 @@ def _final_state(config, workdir):
   state, _ = train.init_state(config, model, ds.image_shape, phases[0], jax.random.key(0))
   total = config.num_epochs + config.finetune_epochs
   if config.finetune_epochs:
-    state = train.start_finetune(state, phases[1])
+    state = train.start_finetune(state, phases[1], methods.get(config))
   mngr = checkpoint.manager(workdir)
   restored, _ = checkpoint.restore(mngr, total, state, config)
   return restored

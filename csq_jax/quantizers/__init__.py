@@ -1,7 +1,7 @@
 """Weight quantizers: one module per method, each pure functions over a leaf type.
 
 A quantized layer is a single pytree leaf-like dataclass (``CSQWeight``,
-``STEWeight``) that replaces the float kernel in the parameter tree. The
+``STEWeight``, ``BSQWeight``, ``MSQWeight``) that replaces the float kernel in the parameter tree. The
 functions here dispatch on that type, so code that walks a tree (transform,
 budget, export) never needs to know which method produced a leaf.
 """
@@ -11,11 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from csq_jax.quantizers import csq, ste
+from csq_jax.quantizers import bsq, csq, msq, ste
+from csq_jax.quantizers.bsq import BSQWeight
 from csq_jax.quantizers.csq import CSQWeight
+from csq_jax.quantizers.msq import MSQWeight
 from csq_jax.quantizers.ste import STEWeight
 
-_MODULES = {CSQWeight: csq, STEWeight: ste}
+_MODULES = {CSQWeight: csq, STEWeight: ste, BSQWeight: bsq, MSQWeight: msq}
 QUANTIZED_TYPES = tuple(_MODULES)
 
 
@@ -65,10 +67,14 @@ def mask_regularizer(leaf, beta) -> jax.Array:
 
 
 __all__ = [
+    "BSQWeight",
     "CSQWeight",
+    "MSQWeight",
     "STEWeight",
     "QUANTIZED_TYPES",
+    "bsq",
     "csq",
+    "msq",
     "ste",
     "integer_weights",
     "is_quantized",

@@ -105,6 +105,11 @@ def integer_weights(w: BSQWeight) -> jax.Array:
   return jnp.round(plane_sum(w)).astype(jnp.int32)
 
 
+def step_size(w: BSQWeight) -> jax.Array:
+  """Weight value of one integer unit: ``materialize(w) = step_size * integer_weights``."""
+  return w.scale / _levels(w.n_bits)
+
+
 def precision(w: BSQWeight) -> jax.Array:
   """Bits the layer uses: its number of planes ``n`` (int32 scalar).
 

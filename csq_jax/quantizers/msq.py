@@ -111,11 +111,14 @@ class MSQWeight:
       pruning changes the tree structure and re-traces the step.
     max_bits: the precision at initialization, for reporting how many bits
       were pruned; static; ``None`` when unknown.
+    lsb_k: how many LSBs the L1 penalty acts on and the next pruning removes
+      (the Hessian-aware ``k`` of ``prune_amounts``); static.
   """
 
   latent: jax.Array
   bits: int = struct.field(pytree_node=False, default=8)
   max_bits: int | None = struct.field(pytree_node=False, default=None)
+  lsb_k: int = struct.field(pytree_node=False, default=1)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -202,6 +205,11 @@ def materialize(w: MSQWeight, beta=None, hard: bool = False) -> jax.Array:
   return (q * (scale_of(w) / 2.0**n)).astype(w.latent.dtype)
 
 
+def step_size(w: MSQWeight) -> jax.Array:
+  """Weight value of one integer unit, ``s / 2^n``: ``W^_n = step_size * W_n``."""
+  return scale_of(w) / 2.0**w.bits
+
+
 def precision(w: MSQWeight) -> jax.Array:
   """Bits the layer uses, ``n``: an int32 scalar."""
   return jnp.asarray(w.bits, jnp.int32)
@@ -283,7 +291,23 @@ def prune(w: MSQWeight, k: int) -> MSQWeight:
     raise ValueError(f"Cannot prune a negative number of bits ({k}).")
   if w.bits - k < 1:
     raise ValueError(f"Pruning {k} bits from a {w.bits}-bit MSQ layer leaves fewer than 1 bit.")
-  return w if k == 0 else w.replace(bits=w.bits - k)
+  if k == 0:
+    return w
+  n = w.bits - k
+  return w.replace(bits=n, lsb_k=max(1, min(w.lsb_k, n - 1)))
+
+
+def with_lsb_k(w: MSQWeight, k: int) -> MSQWeight:
+  """The same layer with ``k`` LSBs to penalize and prune next, capped to
+  ``1..n-1`` (a 1-bit layer keeps ``k = 1`` and is never penalized)."""
+  return w.replace(lsb_k=max(1, min(int(k), w.bits - 1)))
+
+
+def regularizer(w: MSQWeight) -> jax.Array:
+  """The layer's penalty ``R_l`` on its ``lsb_k`` LSBs; 0 for a 1-bit layer."""
+  if w.bits <= 1:
+    return jnp.zeros((), jnp.float32)
+  return lsb_regularizer(w, w.lsb_k)
 
 
 def sensitivity(trace, w: MSQWeight, k: int = 0) -> jax.Array:
