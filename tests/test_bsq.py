@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from csq_jax import quantizers
 from csq_jax.quantizers import bsq
 from csq_jax.quantizers.bsq import BSQWeight
 
@@ -281,3 +282,13 @@ def test_memory_shares_and_weighted_group_lasso():
   np.testing.assert_allclose(float(val2), ref2, rtol=1e-6)
   assert all(np.any(np.asarray(g[k].pos_planes)) for k in leaves)
   assert bsq.memory_shares({}) == {}
+
+
+def test_dispatch_step_size_reconstructs_the_weight():
+  rng = np.random.default_rng(3)
+  w = bsq.BSQWeight(jnp.asarray(rng.uniform(0, 2, (5, 4, 3)), jnp.float32),
+                    jnp.asarray(rng.uniform(0, 2, (5, 4, 3)), jnp.float32), jnp.asarray(0.7, jnp.float32))
+  assert quantizers.is_quantized(w)
+  np.testing.assert_allclose(quantizers.materialize(w, None), quantizers.integer_weights(w) * quantizers.step_size(w),
+                             rtol=1e-6)
+  assert int(quantizers.precision(w)) == 5 and quantizers.num_weights(w) == 12

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from csq_jax import quantizers
 from csq_jax.quantizers import msq
 from csq_jax.quantizers.msq import MSQWeight
 
@@ -278,3 +279,19 @@ def test_single_trainable_leaf():
   assert (same.bits, same.max_bits) == (4, 6)
   # bits is static: pruning changes the tree structure (the step re-traces).
   assert jax.tree.structure(w) != jax.tree.structure(msq.prune(w, 1))
+
+
+def test_dispatch_step_size_reconstructs_the_weight():
+  w = msq.init_from_float(jax.random.normal(jax.random.key(4), (6, 7)), 5)
+  assert quantizers.is_quantized(w)
+  np.testing.assert_array_equal(quantizers.materialize(w, None), quantizers.integer_weights(w) * quantizers.step_size(w))
+  assert int(quantizers.precision(w)) == 5 and quantizers.num_weights(w) == 42
+
+
+def test_lsb_k_is_capped_and_regularizer_uses_it():
+  w = msq.init_from_float(jax.random.normal(jax.random.key(5), (8, 8)), 4)
+  assert msq.with_lsb_k(w, 9).lsb_k == 3 and msq.with_lsb_k(w, 0).lsb_k == 1
+  w2 = msq.with_lsb_k(w, 2)
+  np.testing.assert_allclose(msq.regularizer(w2), msq.lsb_regularizer(w, 2))
+  assert msq.prune(w2, 2).lsb_k == 1  # a 2-bit layer has one LSB left to prune
+  assert float(msq.regularizer(msq.prune(w, 3))) == 0.0  # 1 bit: nothing to penalize
