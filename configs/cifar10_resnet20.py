@@ -20,7 +20,7 @@ The rival methods' recipes are selected the same way (comma-separated, e.g.
 * ``:msq`` -- MSQ (no public code; our choices, documented in
   ``csq_jax/quantizers/msq.py``): 350 epochs, cosine lr 0.1, weight decay
   5e-4, lambda 0.05, LSB sparsity checked every 10 epochs with threshold
-  0.9, Hessian-aware k from 8 probes on 2 batches, 30 finetune epochs.
+  0.6, Hessian-aware k from 8 probes on 2 batches, 30 finetune epochs.
 * ``:ste``, ``:csq_uniform``, ``:fp`` -- the baselines on CSQ's schedule.
 """
 
@@ -67,7 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.bsq_threshold = 0.0
   c.msq_lambda = 0.05
   c.msq_prune_every = 10
-  c.msq_threshold = 0.9
+  c.msq_threshold = 0.6
   c.msq_hessian = True
   c.msq_hessian_probes = 8
   c.msq_hessian_batches = 2

@@ -43,11 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
       (".*kernel", "quantize"),  # every other conv and dense kernel, first and last included
   )
   # BSQ (method="bsq", ref. [8] of CSQ): 8-bit planes of the init, clamped to
-  # [0, 2]; bit-level group Lasso of strength bsq_alpha (on while the average
-  # precision is above the target); re-quantization and precision adjustment
+  # [0, 2]; bit-level group Lasso of strength bsq_alpha, on for the highest-
+  # precision layers whose one-bit drops fit the budget (checked every step,
+  # off at the target); re-quantization and precision adjustment
   # every bsq_requant_every search epochs; LSB planes with at most
   # bsq_threshold non-zero entries are dropped.
-  c.bsq_alpha = 0.5
+  c.bsq_alpha = 2.0
   c.bsq_requant_every = 5
   c.bsq_threshold = 0.0
   # MSQ (method="msq"): L1 of strength msq_lambda on each layer's LSBs (on
@@ -58,12 +59,12 @@ def get_config() -> ml_collections.ConfigDict:
   # msq_hessian_batches training batches), else 1.
   c.msq_lambda = 0.05
   c.msq_prune_every = 5
-  c.msq_threshold = 0.9
+  c.msq_threshold = 0.6
   c.msq_hessian = True
   c.msq_hessian_probes = 8
   c.msq_hessian_batches = 1
-  # BSQ/MSQ precision moves in steps: a step may undershoot the target by at
-  # most this much (average bits).
+  # BSQ/MSQ precision moves in whole-bit steps of a layer: how far below the
+  # target (average bits) those steps may take it.
   c.budget_tolerance = 0.25
   c.act_bits = 32  # activation precision (A-bits); 32 = float ReLU
   c.act_quantizer = "pact"  # pact | relu6 | maxabs

@@ -26,11 +26,12 @@ checkpoints, and the loop carries the optimizer state of unchanged leaves over.
 
 Budget control. CSQ's Eq. (7) pushes the average precision toward the target
 from both sides. BSQ and MSQ only ever lower precision; here their penalty is
-on while the (static) average precision is above the target and off once it
-is reached, and precision is lowered only by their own mechanism
-(re-quantization, LSB pruning), so both stop at the target instead of going
-wherever a fixed strength takes them. That gating is this project's addition,
-so that every method is compared at the same budget.
+on while the average precision is above the target and off once it is
+reached (BSQ: the precision a re-quantization would leave, checked every
+step; MSQ: the current precision), and precision is lowered only by their own
+mechanism (re-quantization, LSB pruning), so both stop at the target instead
+of going wherever a fixed strength takes them. That gating is this project's
+addition, so that every method is compared at the same budget.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from csq_jax import budget, hessian, transform
+from csq_jax import budget, hessian, quantizers, transform
 from csq_jax.quantizers import bsq, msq
 from csq_jax.quantizers.bsq import BSQWeight
 from csq_jax.quantizers.msq import MSQWeight
@@ -191,15 +192,44 @@ class BSQ(Method):
   def __init__(self, config):
     super().__init__(config)
     self.alpha = float(config.bsq_alpha)
+    self.tolerance = float(config.budget_tolerance)
     self.every = int(config.bsq_requant_every)
     self.threshold = float(config.bsq_threshold)
 
   def regularizer(self, params, beta):
+    """``alpha * sum_l g_l share_l B_GL(W^l)`` with a per-layer gate ``g_l``.
+
+    The gate looks at the *effective* precision of each layer
+    (``bsq.effective_precision``: what a re-quantization would keep), every
+    step. Left alone, the Lasso empties the same plane of every layer in
+    lock-step and one re-quantization drops a whole bit from the model. So
+    the layers are ranked, highest effective precision first (larger layers
+    first among equals), and the Lasso acts on the leading layers whose
+    one-bit drops together fit in ``average - (target - budget_tolerance)``
+    (at least the first one while the average is above the target; none
+    once it is at or below it).
+    """
     del beta
-    leaves = {k: v for k, v in transform.quantized_leaves(params).items() if isinstance(v, BSQWeight)}
-    if not leaves or not _over_budget(params, self.target):
+    counted = transform.quantized_leaves(params)
+    names = [k for k, v in counted.items() if isinstance(v, BSQWeight)]
+    if not names:
       return jnp.zeros((), jnp.float32), self.delta_s(params)
-    return bsq.weighted_group_lasso(leaves, self.alpha), self.delta_s(params)
+    bits = jnp.stack([bsq.effective_precision(v) if isinstance(v, BSQWeight) else quantizers.precision(v)
+                      for v in counted.values()]).astype(jnp.float32)
+    sizes = np.asarray([quantizers.num_weights(v) for v in counted.values()], np.float32)
+    frac = jnp.asarray(sizes / sizes.sum())
+    delta = jax.lax.stop_gradient(jnp.sum(frac * bits) - self.target)
+    is_bsq = jnp.asarray([isinstance(v, BSQWeight) for v in counted.values()])
+    order = jnp.argsort(-(bits + frac) - jnp.where(is_bsq, 0.0, 1e3))  # fixed layers last
+    drop = jnp.where(is_bsq, frac, jnp.inf)[order]
+    fits = jnp.cumsum(drop) <= delta + self.tolerance
+    ranked_on = (fits | (jnp.arange(len(order)) == 0)) & (delta > 0) & is_bsq[order]
+    gate = jnp.zeros(len(order), bool).at[order].set(ranked_on)
+    shares = bsq.memory_shares({k: counted[k] for k in names})
+    index = {k: i for i, k in enumerate(counted)}
+    total = sum((jnp.where(gate[index[k]], shares[k] * bsq.group_lasso(counted[k]), 0.0) for k in names),
+                jnp.zeros((), jnp.float32))
+    return self.alpha * total, delta
 
   def after_update(self, params):
     return _map_type(bsq.clamp_planes, BSQWeight, params)

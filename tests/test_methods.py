@@ -319,3 +319,28 @@ def test_cifar_config_recipes_validate(arg, method):
 def test_cifar_config_rejects_unknown_arguments():
   with pytest.raises(ValueError, match="expected at most one"):
     load_config("cifar10_resnet20", "bsq,msq")
+
+
+def test_bsq_gate_regularizes_the_leading_layers_that_fit_the_budget():
+  """Both layers at 8 effective bits: target 7.9 leaves room for one bit of
+  the larger layer only (0.75 of the weights; tolerance 0.25), target 5 for
+  both, target 8 for none."""
+  p = _two_layers("bsq", bits=(8, 8))
+  leaves = transform.quantized_leaves(p)
+  gl = {k: float(bsq.group_lasso(w)) for k, w in leaves.items()}
+  for target, on in [(7.9, {"a/kernel"}), (5.0, {"a/kernel", "b/kernel"}), (8.0, set())]:
+    m = methods.get(_config(method="bsq", target_bits=target, bsq_alpha=1.0, budget_tolerance=0.25))
+    pen, delta = jax.jit(m.regularizer)(p, None)
+    shares = {"a/kernel": 0.75, "b/kernel": 0.25}
+    assert float(pen) == pytest.approx(sum(shares[k] * gl[k] for k in on), rel=1e-5)
+    assert float(delta) == pytest.approx(8.0 - target, abs=1e-6)
+
+
+def test_bsq_effective_precision_is_the_bit_length_of_the_rounded_sum():
+  w = bsq.init_from_float(jnp.asarray([[0.1, -1.0], [0.5, 0.25]]), 8)  # max |q| = 255
+  assert int(bsq.effective_precision(w)) == 8
+  half = w.replace(pos_planes=w.pos_planes.at[-1].set(0.0), neg_planes=w.neg_planes.at[-1].set(0.0))
+  assert int(bsq.effective_precision(half)) == 7
+  assert int(bsq.effective_precision(bsq.requantize(half))) == 7 == bsq.requantize(half).n_bits
+  zero = w.replace(pos_planes=w.pos_planes * 0, neg_planes=w.neg_planes * 0)
+  assert int(bsq.effective_precision(zero)) == 1

@@ -119,6 +119,15 @@ def precision(w: BSQWeight) -> jax.Array:
   return jnp.asarray(w.n_bits, jnp.int32)
 
 
+def effective_precision(w: BSQWeight) -> jax.Array:
+  """Planes the layer would keep if re-quantized now, ``bitlength(max|q|)``
+  (at least 1), an int32 scalar; traceable. Between re-quantizations this is
+  where the group Lasso has taken the layer (``precision`` only follows at
+  the next ``requantize``)."""
+  m = jnp.max(jnp.abs(jnp.round(jax.lax.stop_gradient(plane_sum(w)))))
+  return jnp.maximum(jnp.ceil(jnp.log2(m + 1.0)), 1.0).astype(jnp.int32)
+
+
 def _binary_planes(q: np.ndarray, n_bits: int) -> tuple[np.ndarray, np.ndarray]:
   """Exact binary decomposition of ``|q|`` into the plane of ``q``'s sign.
 
