@@ -36,10 +36,16 @@ callers see how many probes their model needs
 (``hutchinson_trace_until_converged`` adds probes until it is small enough).
 
 Hessian-vector products are forward-over-reverse,
-``jax.jvp(jax.grad(loss), (params,), (v,))``; probes are generated inside the
-compiled program (never materialized all at once) and vmapped over the
-probe axis in jitted chunks of ``probe_batch`` HVPs, which bounds memory; a
-host loop dispatches the chunks (asynchronously) and fetches the results once.
+``jax.jvp(jax.grad(loss), (params,), (v,))``, evaluated as
+``jax.linearize(jax.grad(loss), params)`` applied to each probe: the primal
+part of that pass (the loss's forward and backward pass) runs once per
+compiled program, and only the tangent part once per probe (for ResNet-20 on
+CPU, about one SGD train step). Probes are generated inside the compiled
+program (never materialized all at once) and vmapped over the probe axis in
+chunks of ``probe_batch`` HVPs, which bounds memory; a program runs
+``max(1, HVPS_PER_PROGRAM // probe_batch)`` chunks behind one linearization,
+and a host loop dispatches the programs (asynchronously) and fetches the
+results once.
 
 Probe ``i`` is drawn from ``jax.random.fold_in(key, i)``: results do not
 depend on ``probe_batch``, and an estimate grown batch by batch equals the
@@ -65,7 +71,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,12 +81,15 @@ import optax
 
 from csq_jax.transform import path_str
 
+
 def default_probe_batch() -> int:
   """HVPs per vmapped chunk when ``probe_batch`` is ``None``: 1 on CPU, 16 elsewhere.
 
   XLA:CPU runs the vmapped HVP of a conv net slower than a loop of single
-  ones (probe-batched tangent kernels become grouped convolutions): ResNet-20,
-  batch 128, 8 probes took 14.9 s in chunks of 8 vs 8.7 s one at a time.
+  ones (with a probe axis, the kernel-gradient convolutions of the tangent
+  pass run about 2x slower per probe): ResNet-20, batch 128, 8 probes took
+  20.5 s in one chunk of 8 vs 8.9 s one at a time, on 2 cores where an SGD
+  train step took 1.1 s (``benchmarks/hessian_cost.py --probe-batch``).
   """
   return 1 if jax.default_backend() == "cpu" else 16
 
@@ -164,28 +174,63 @@ def _probe(key, index, selected):
   return probes
 
 
-def _block_forms(grad_f, selected, probes):
-  """``[L]`` float32: ``v_l . (H v)_l`` for one probe ``v`` (a list like ``selected``)."""
-  _, hv = jax.jvp(grad_f, (selected,), (probes,))
+def _block_forms(probes, hv):
+  """``[L]`` float32: ``v_l . (H v)_l`` for one probe ``v`` and its product ``H v`` (lists like ``selected``)."""
   return jnp.stack([jnp.sum(v.astype(jnp.float32) * h.astype(jnp.float32)) for v, h in zip(probes, hv)])
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "treedef", "sel"))
-def _chunk_samples(loss_fn, treedef, sel, leaves, loss_args, key, probe_index, layer_index):
-  """One chunk of ``C`` Hessian-vector products, vmapped (``C > 1``) or single.
+def _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args):
+  """``(selected leaves, v -> H v)``: the gradient of the restricted loss, linearized once.
 
-  Args:
-    probe_index: ``[C]`` uint32, the probe of each HVP.
-    layer_index: ``None`` (simultaneous: ``[C, L]`` samples, every layer of
-      each probe) or ``[C]`` int32 (layerwise: probe restricted to that
-      layer, ``[C]`` samples of that layer).
+  ``jax.linearize(jax.grad(f), params)`` runs the forward-over-reverse pass
+  ``jax.jvp(jax.grad(f), (params,), (v,))`` split in two: the primal part
+  (the loss's forward and backward pass and every residual the tangents
+  need) is evaluated once, and the returned linear function is only the
+  tangent part, so every Hessian-vector product after the first costs the
+  tangent pass alone. The same products, up to float rounding.
   """
   selected = [leaves[i] for i in sel]
   grad_f = jax.grad(_restricted_loss(loss_fn, treedef, sel, leaves, loss_args))
+  _, hvp = jax.linearize(grad_f, selected)
+  return selected, hvp
+
+
+# Hessian-vector products per compiled program, behind one linearization (at
+# least one chunk of ``probe_batch``): the primal pass is shared by all of
+# them, but each chunk adds its own tangent pass to the program (the chunks
+# are unrolled: a loop inside the program, ``lax.map``/``scan``, ran a
+# ResNet-20 HVP 15-20x slower on XLA:CPU), so compile time grows with the
+# number of chunks, and so does memory (XLA:CPU interleaves the independent
+# chunks, keeping all their tangent activations live: ResNet-20, batch 128,
+# needs 0.3 GB of temporaries for one HVP, 1.0 GB for 8). With one HVP per
+# chunk (CPU), 8 cut the primal's share of the cost of 8 ResNet-20 probes from
+# a third to a sixteenth; a vmapped chunk of 16 (GPU) already amortizes it
+# and stays one chunk per program.
+HVPS_PER_PROGRAM = 8
+
+
+def _rows(a, start, stop):
+  return a[start:stop]
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "treedef", "sel", "chunk"))
+def _program_samples(loss_fn, treedef, sel, leaves, loss_args, key, probe_index, layer_index, chunk):
+  """Hessian-vector products behind one linearization, in unrolled chunks of ``chunk``.
+
+  Args:
+    probe_index: ``[N]`` uint32, the probe of each HVP.
+    layer_index: ``None`` (simultaneous: ``[N, L]`` samples, every layer of
+      each probe) or ``[N]`` int32 (layerwise: probe restricted to that
+      layer, ``[N]`` samples of that layer).
+    chunk: HVPs vmapped together (``1``: one by one, no batched
+      convolutions); the last chunk may be shorter.
+  """
+  selected, hvp = _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args)
 
   if layer_index is None:
     def one(i):
-      return _block_forms(grad_f, selected, _probe(key, i, selected))
+      v = _probe(key, i, selected)
+      return _block_forms(v, hvp(v))
 
     xs = probe_index
   else:
@@ -195,23 +240,29 @@ def _chunk_samples(loss_fn, treedef, sel, leaves, loss_args, key, probe_index, l
     def one(il):
       i, l = il
       v = [jnp.where(l == j, x, jnp.zeros_like(x)) for j, x in enumerate(_probe(key, i, selected))]
-      return _block_forms(grad_f, selected, v)[l]  # the other entries are zero
+      return _block_forms(v, hvp(v))[l]  # the other entries are zero
 
     xs = (probe_index, layer_index)
-  if probe_index.shape[0] == 1:  # no batched (vmapped) convolutions to compile
-    return jax.tree_util.tree_map(lambda a: a[None], one(jax.tree_util.tree_map(lambda a: a[0], xs)))
-  return jax.vmap(one)(xs)
+  n = probe_index.shape[0]
+  out = []
+  for start in range(0, n, chunk):
+    part = jax.tree_util.tree_map(functools.partial(_rows, start=start, stop=min(start + chunk, n)), xs)
+    if min(chunk, n - start) == 1:  # no batched (vmapped) convolutions to compile
+      out.append(one(jax.tree_util.tree_map(lambda a: a[0], part))[None])
+    else:
+      out.append(jax.vmap(one)(part))
+  return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
 def _sample_batch(loss_fn, params, key, num_probes, select, probe_batch, loss_args, layerwise, start=0):
   """``(paths of the selected leaves, np.ndarray [num_probes, L])`` for probes
   ``start .. start + num_probes - 1``.
 
-  The HVPs (one per probe, or per probe and layer) run in jitted chunks of
-  ``probe_batch`` from a host loop, dispatched asynchronously and fetched
-  once; a shorter last chunk compiles once more. (A ``lax.map``/scan over
-  the chunks inside one program was measured 15-20x slower per HVP on
-  XLA:CPU for ResNet-20.)
+  The HVPs (one per probe, or per probe and layer) run in programs of
+  ``max(1, HVPS_PER_PROGRAM // probe_batch)`` chunks of ``probe_batch``, each
+  program linearizing the gradient once; a host loop dispatches the programs
+  asynchronously and fetches the results once. A shorter last program
+  compiles once more.
   """
   if num_probes < 1:
     raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
@@ -228,12 +279,13 @@ def _sample_batch(loss_fn, params, key, num_probes, select, probe_batch, loss_ar
   else:
     probe_index, layer_index = probes, None
   loss_args = tuple(loss_args)
-  chunks = []
-  for c in range(0, len(probe_index), probe_batch):
-    chunk_layers = None if layer_index is None else layer_index[c:c + probe_batch]
-    chunks.append(_chunk_samples(loss_fn, treedef, sel, leaves, loss_args, key,
-                                 probe_index[c:c + probe_batch], chunk_layers))
-  samples = np.concatenate([np.asarray(x, np.float64) for x in jax.device_get(chunks)])
+  per_program = probe_batch * max(1, HVPS_PER_PROGRAM // probe_batch)
+  parts = []
+  for c in range(0, len(probe_index), per_program):
+    part_layers = None if layer_index is None else layer_index[c:c + per_program]
+    parts.append(_program_samples(loss_fn, treedef, sel, leaves, loss_args, key,
+                                  probe_index[c:c + per_program], part_layers, chunk=probe_batch))
+  samples = np.concatenate([np.asarray(x, np.float64) for x in jax.device_get(parts)])
   return [paths[i] for i in sel], samples.reshape(num_probes, num_layers)
 
 
@@ -274,13 +326,17 @@ def hutchinson_trace(
     key: PRNG key; probe ``i`` uses ``fold_in(key, i)``.
     num_probes: number of Rademacher probes ``P``; the cost is ``P``
       forward-over-reverse Hessian-vector products, whatever the number of
-      layers (each about 1.4 SGD train steps for ResNet-20 on CPU).
+      layers, sharing their primal pass (see the module docstring): for
+      ResNet-20 on CPU (batch 128) about 0.5 SGD train steps per program and
+      1 per probe, 8 probes about 8 train steps
+      (``benchmarks/hessian_cost.py``).
     select: ``select(path) -> bool`` on the ``/``-joined leaf path
       (``transform.path_str``); ``None`` probes every floating-point leaf.
       Unselected leaves are held fixed (not differentiated).
-    probe_batch: Hessian-vector products vmapped together per jitted chunk;
-      peak memory grows about linearly with it. ``1`` runs them one by one
-      (the cheapest to compile); ``None``: ``default_probe_batch()``.
+    probe_batch: Hessian-vector products vmapped together per chunk; peak
+      memory grows about linearly with it (and with the number of chunks
+      per program, ``HVPS_PER_PROGRAM // probe_batch``). ``1`` runs them one
+      by one, 8 to a program; ``None``: ``default_probe_batch()``.
     loss_args: extra (traced) arguments of ``loss_fn``, e.g. a data batch.
     layerwise: ``False`` (default): one HVP per probe, all layers at once
       (cross-block terms add variance, see the module docstring). ``True``:
@@ -372,9 +428,8 @@ def _probes_jit(key, indices, selected):
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "treedef", "sel"))
 def _forms_jit(loss_fn, treedef, sel, leaves, loss_args, probes):
-  selected = [leaves[i] for i in sel]
-  grad_f = jax.grad(_restricted_loss(loss_fn, treedef, sel, leaves, loss_args))
-  return jax.vmap(lambda v: _block_forms(grad_f, selected, v))(probes)
+  _, hvp = _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args)
+  return jax.vmap(lambda v: _block_forms(v, hvp(v)))(probes)
 
 
 def hvp_block_forms(

@@ -210,6 +210,42 @@ def test_vmap_batched_equals_sequential(mlp):
       assert float(one[p][0]) == pytest.approx(float(est.samples[p][i]), rel=1e-4, abs=1e-6)
 
 
+def _exact_samples(H, blocks, probes, paths, n, layerwise=False):
+  """``{path: [n]}``: exact ``v_l . (H v)_l`` (or ``v_l^T H_ll v_l``) for the first ``n`` of ``probes``."""
+  out = {p: np.zeros(n) for p in paths}
+  for i in range(n):
+    v = np.zeros(H.shape[0])
+    for p in paths:
+      v[blocks[p]] = np.asarray(probes[p][i], np.float64).reshape(-1)
+    Hv = H @ v
+    for p in paths:
+      b = blocks[p]
+      out[p][i] = v[b] @ (H[b, b] @ v[b] if layerwise else Hv[b])
+  return out
+
+
+@pytest.mark.parametrize("probe_batch,hvps_per_program,num_probes,layerwise", [
+    (1, 8, 11, False),  # programs of 8 and 3 single (unvmapped) HVPs behind one linearization each
+    (3, 7, 11, False),  # programs of chunks 3+3 and 3+2: vmapped chunks and a shorter last one
+    (2, 4, 5, True),    # layerwise: 10 HVPs in programs of 2+2, 2+2 and 2
+    (4, 2, 6, False),   # one chunk per program: 4 and 2
+])
+def test_programs_match_exact_hessian(mlp, monkeypatch, probe_batch, hvps_per_program, num_probes, layerwise):
+  """Every sample, however the HVPs are split into programs (one linearization
+  each) and chunks, is the exact ``v_l . (H v)_l`` (``v_l^T H_ll v_l``
+  layerwise) of ``jax.hessian`` for the probes ``rademacher_probes`` returns."""
+  monkeypatch.setattr(hessian, "HVPS_PER_PROGRAM", hvps_per_program)
+  params, (x, y), _ = mlp
+  key = jax.random.key(5)
+  est = hessian.hutchinson_trace(_mlp_loss, params, key, num_probes, select=hessian.kernel_paths,
+                                 probe_batch=probe_batch, loss_args=(x, y), layerwise=layerwise)
+  H, blocks = _exact_hessian(lambda p: _mlp_loss(p, x, y), params)
+  probes = hessian.rademacher_probes(params, key, range(num_probes), select=hessian.kernel_paths)
+  exact = _exact_samples(H, blocks, probes, list(est.mean), num_probes, layerwise)
+  for p in est.mean:
+    np.testing.assert_allclose(est.samples[p], exact[p], rtol=1e-4, atol=1e-5)
+
+
 def test_convergence_helper_stops_early_or_at_max_probes():
   key = jax.random.key(3)
   A = np.diag(np.arange(1.0, 6.0)).astype(np.float32)
@@ -259,3 +295,33 @@ def test_layer_traces_for_small_cnn():
   flat, scanned = (jax.jit(hessian.ClassifierLoss(model, scan))(variables["params"], variables["batch_stats"],
                                                                  images, labels) for scan in (False, True))
   assert float(flat) == pytest.approx(float(scanned), rel=1e-5)
+
+
+def test_resnet_samples_match_exact_hessian(monkeypatch):
+  """A tiny CIFAR ResNet (conv, eval-mode BN, ReLU, strided and 1x1 shortcut
+  convolutions, dense head) through ``layer_traces_for_model`` on two stacked
+  batches, the shortcut kernels unselected as in the quantization configs:
+  every sample (programs of 2 single HVPs, a shorter last one; and layerwise)
+  is the exact one of the ``jax.hessian`` of the same loss."""
+  monkeypatch.setattr(hessian, "HVPS_PER_PROGRAM", 2)
+  model = create_model("resnet20", 3).clone(blocks_per_stage=1, widths=(2, 3, 4))
+  variables = _random_params(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3))), 2)
+  rng = np.random.default_rng(3)
+  batches = [(rng.normal(size=(4, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, size=4)) for _ in range(2)]
+  select = lambda p: p.endswith("kernel") and not p.endswith("shortcut_conv/kernel")
+  key, n = jax.random.key(2), 3
+
+  images = jnp.stack([b[0] for b in batches])
+  labels = jnp.stack([b[1] for b in batches])
+  loss = hessian.ClassifierLoss(model)
+  H, blocks = _exact_hessian(lambda p: loss(p, variables["batch_stats"], images, labels), variables["params"])
+  probes = hessian.rademacher_probes(variables["params"], key, range(n), select=select)
+  for layerwise in (False, True):
+    est = hessian.layer_traces_for_model(model, variables, batches, key, n, select_fn=select, probe_batch=1,
+                                         layerwise=layerwise)
+    assert len(est.mean) == 8 and "head/kernel" in est.mean  # 7 convs and the head
+    assert not any("shortcut" in p for p in est.mean)
+    exact = _exact_samples(H, blocks, probes, list(est.mean), n, layerwise)
+    for p in est.mean:
+      scale = max(np.max(np.abs(exact[p])), 1e-3)
+      np.testing.assert_allclose(est.samples[p], exact[p], rtol=1e-4, atol=1e-5 * scale, err_msg=p)
