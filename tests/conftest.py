@@ -26,3 +26,9 @@ def tiny_config():
   c.progress = False
   c.tensorboard = False
   return c
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first, so that pytest-xdist starts the long ones early and
+  the workers finish together."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
