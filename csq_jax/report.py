@@ -61,8 +61,9 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
 
 
 def exactly_quantized(params) -> bool:
-  """Whether every counted layer's hard weight is ``s/(2^n-1)`` times an integer
-  (checked by reconstructing it from the integers)."""
+  """Whether every counted layer's hard weight is its step (``s/(2^n-1)``;
+  MSQ: ``s/2^n``) times an integer, checked by reconstructing it from the
+  integers."""
   for leaf in transform.quantized_leaves(params).values():
     w = quantizers.materialize(leaf, None, hard=True)
     q = quantizers.integer_weights(leaf)

@@ -1,9 +1,10 @@
 """Weight quantizers: one module per method, each pure functions over a leaf type.
 
 A quantized layer is a single pytree leaf-like dataclass (``CSQWeight``,
-``STEWeight``, ``BSQWeight``, ``MSQWeight``) that replaces the float kernel in the parameter tree. The
-functions here dispatch on that type, so code that walks a tree (transform,
-budget, export) never needs to know which method produced a leaf.
+``STEWeight``, ``BSQWeight``, ``MSQWeight``) that replaces the float kernel
+in the parameter tree. The functions here dispatch on that type, so code
+that walks a tree (transform, budget, export) never needs to know which
+method produced a leaf.
 """
 
 from __future__ import annotations
