@@ -350,6 +350,23 @@ def _phase_of(epoch: int, phases: list[Phase]) -> tuple[int, int]:
   raise IndexError(epoch)
 
 
+def restore_state(mngr, epoch: int, init: TrainState, phases: list[Phase], method: methods.Method,
+                  config) -> TrainState:
+  """The state saved after ``epoch`` epochs, in the structure it was saved
+  with: ``init`` moved to the checkpoint's phase (finetune: the method's
+  fixed scheme) and to the per-layer precisions it recorded (BSQ planes,
+  MSQ bits), then filled from the checkpoint."""
+  in_finetune = epoch > phases[0].epochs
+
+  def template(meta):
+    t = start_finetune(init, phases[1], method) if in_finetune else init
+    params = method.restructure(t.params, meta.get("structure", {}))
+    return t.replace(params=params, opt_state=phases[int(in_finetune)].tx.init(params))
+
+  state, _ = checkpoint.restore(mngr, epoch, template, config)
+  return state
+
+
 def _peak_memory() -> dict[str, float]:
   """Peak host RSS of this process and, where the backend reports it, peak
   accelerator memory, in MiB."""
@@ -380,14 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard)
   done = checkpoint.latest_epoch(mngr) or 0
   if done:
-    in_finetune = done > phases[0].epochs
-
-    def template(meta):  # the saved structure (precisions may have changed since init)
-      t = start_finetune(state, phases[1], method) if in_finetune else state
-      params = method.restructure(t.params, meta.get("structure", {}))
-      return t.replace(params=params, opt_state=phases[int(in_finetune)].tx.init(params))
-
-    state, _ = checkpoint.restore(mngr, done, template, config)
+    state = restore_state(mngr, done, state, phases, method, config)
     logging.info("Resumed from %s after epoch %d.", mngr.directory, done)
   writer.truncate(done)
 

@@ -32,3 +32,33 @@ def pytest_collection_modifyitems(config, items):
   """Slow tests first, so that pytest-xdist starts the long ones early and
   the workers finish together."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def restore_final_state(config, workdir):
+  """The state in the last checkpoint of a finished run of ``config``."""
+  import jax
+
+  from csq_jax import checkpoint, data, methods, train
+
+  ds = data.load_dataset(config)
+  phases = train.make_phases(config, data.steps_per_epoch(ds, config.batch_size))
+  model = train.create_model(config, ds.num_classes)
+  state, _ = train.init_state(config, model, ds.image_shape, phases[0], jax.random.key(0))
+  total = config.num_epochs + config.finetune_epochs
+  return train.restore_state(checkpoint.manager(str(workdir)), total, state, phases, methods.get(config), config)
+
+
+def kill_after_epoch(monkeypatch, epoch: int):
+  """Make ``checkpoint.save`` raise ``KeyboardInterrupt`` right after saving
+  ``epoch`` (a simulated kill); returns the real ``save`` to restore."""
+  from csq_jax import checkpoint
+
+  real_save = checkpoint.save
+
+  def save_then_die(mngr, saved_epoch, state, meta):
+    real_save(mngr, saved_epoch, state, meta)
+    if saved_epoch == epoch:
+      raise KeyboardInterrupt(f"simulated kill after epoch {epoch}")
+
+  monkeypatch.setattr(checkpoint, "save", save_then_die)
+  return real_save

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config
+from conftest import kill_after_epoch, load_config, restore_final_state
 from csq_jax import budget, checkpoint, data, methods, models, quantizers, train, transform
 from csq_jax.quantizers import bsq, msq
 
@@ -214,14 +214,7 @@ def test_msq_training_prunes_and_resumes_across_a_precision_change(tmp_path, mon
   assert recs[0]["avg_bits"] < 8.0  # pruned after the first epoch
   assert abs(full["avg_bits"] - 6.0) <= 0.25 and full["exactly_quantized"]
 
-  real_save = checkpoint.save
-
-  def save_then_die(mngr, epoch, state, meta):
-    real_save(mngr, epoch, state, meta)
-    if epoch == 2:
-      raise KeyboardInterrupt("simulated kill after epoch 2")
-
-  monkeypatch.setattr(checkpoint, "save", save_then_die)
+  real_save = kill_after_epoch(monkeypatch, 2)
   with pytest.raises(KeyboardInterrupt):
     _train(c, tmp_path / "resumed")
   monkeypatch.setattr(checkpoint, "save", real_save)
@@ -231,31 +224,13 @@ def test_msq_training_prunes_and_resumes_across_a_precision_change(tmp_path, mon
   assert [l["bits"] for l in resumed["layers"]] == [l["bits"] for l in full["layers"]]
 
 
-def _restore(config, workdir):
-  ds = data.load_dataset(config)
-  phases = train.make_phases(config, data.steps_per_epoch(ds, config.batch_size))
-  model = train.create_model(config, ds.num_classes)
-  state, _ = train.init_state(config, model, ds.image_shape, phases[0], jax.random.key(0))
-  method = methods.get(config)
-  total = config.num_epochs + config.finetune_epochs
-  in_ft = config.finetune_epochs > 0
-
-  def template(meta):
-    t = train.start_finetune(state, phases[1], method) if in_ft else state
-    params = method.restructure(t.params, meta["structure"])
-    return t.replace(params=params, opt_state=phases[int(in_ft)].tx.init(params))
-
-  restored, _ = checkpoint.restore(checkpoint.manager(str(workdir)), total, template, config)
-  return restored
-
-
 def test_bsq_training_requantizes_clamps_and_ends_exact(tmp_path):
   c = _config(method="bsq", num_epochs=3, finetune_epochs=1, bsq_requant_every=1, bsq_alpha=0.5)
   s = _train(c, tmp_path)
   recs = _records(tmp_path)
   assert [r.get("adjust_requantized") for r in recs[:2]] == [1.0, 1.0]
   assert s["exactly_quantized"]
-  state = _restore(c, tmp_path)
+  state = restore_final_state(c, tmp_path)
   for w in transform.quantized_leaves(state.params).values():
     assert isinstance(w, quantizers.BSQWeight)
     assert 0.0 <= float(w.pos_planes.min()) and float(w.pos_planes.max()) <= 2.0
@@ -281,7 +256,7 @@ def test_method_config_errors(field, value, message):
 def test_init_from_a_float_run_starts_bsq_at_its_8bit_quantization(tmp_path):
   fp = _config(method="fp", num_epochs=1)
   train.train_and_evaluate(fp, str(tmp_path / "fp"))
-  float_state = _restore(fp, tmp_path / "fp")
+  float_state = restore_final_state(fp, tmp_path / "fp")
   c = _config(method="bsq", init_from=str(tmp_path / "fp"))
   ds = data.load_dataset(c)
   phases = train.make_phases(c, data.steps_per_epoch(ds, c.batch_size))

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
-from csq_jax import checkpoint, data, methods, train
+from conftest import ROOT, kill_after_epoch, load_config, restore_final_state
+from csq_jax import checkpoint, data, train
 
 
 def _leaves_equal(a, b):
@@ -68,41 +68,20 @@ def test_tiny_run_writes_outputs_and_hard_model_is_exact(tiny_config, tmp_path):
   assert summary["test_accuracy"] == on_disk["test_accuracy"]
 
 
-def _final_state(config, workdir):
-  """Restore the last checkpoint of a finished run."""
-  ds = data.load_dataset(config)
-  phases = train.make_phases(config, data.steps_per_epoch(ds, config.batch_size))
-  model = train.create_model(config, ds.num_classes)
-  state, _ = train.init_state(config, model, ds.image_shape, phases[0], jax.random.key(0))
-  total = config.num_epochs + config.finetune_epochs
-  if config.finetune_epochs:
-    state = train.start_finetune(state, phases[1], methods.get(config))
-  mngr = checkpoint.manager(workdir)
-  restored, _ = checkpoint.restore(mngr, total, state, config)
-  return restored
-
-
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
   tiny_config.num_epochs = 2
   tiny_config.finetune_epochs = 1
   full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
 
-  real_save = checkpoint.save
-
-  def save_then_die(mngr, epoch, state, meta):
-    real_save(mngr, epoch, state, meta)
-    if epoch == 2:
-      raise KeyboardInterrupt("simulated kill after epoch 2")
-
-  monkeypatch.setattr(checkpoint, "save", save_then_die)
+  real_save = kill_after_epoch(monkeypatch, 2)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
   monkeypatch.setattr(checkpoint, "save", real_save)
   resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
 
   assert resumed["test_accuracy"] == full["test_accuracy"]
-  _leaves_equal(_final_state(tiny_config, str(tmp_path / "full")),
-                _final_state(tiny_config, str(tmp_path / "resumed")))
+  _leaves_equal(restore_final_state(tiny_config, str(tmp_path / "full")),
+                restore_final_state(tiny_config, str(tmp_path / "resumed")))
   records = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(r)["epoch"] for r in records] == [1, 2, 3]
 
