@@ -73,7 +73,7 @@ from benchmarks.step_time import (
     _mib,
     _ratio,
     _tree_bytes,
-    timed_step,
+    timed_run,
 )
 
 METHODS = ("fp", "ste", "csq", "bsq", "msq")
@@ -202,14 +202,7 @@ def measure(args: argparse.Namespace) -> dict:
     xla_bytes = None
 
   rss_before_steps = _current_rss_bytes()
-  state, _, (first_call_s, _) = timed_step(compiled, state, data)
-  for _ in range(args.warmup):
-    state, _, _ = timed_step(compiled, state, data)
-  wall, cpu = [], []
-  for _ in range(args.steps):
-    state, metrics, (w, c) = timed_step(compiled, state, data)
-    wall.append(w)
-    cpu.append(c)
+  state, metrics, first_call_s, wall, cpu = timed_run(compiled, state, data, args.warmup, args.steps)
 
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   device_peak = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None

@@ -161,6 +161,21 @@ def timed_step(step, state, batch):
   return state, metrics, (time.perf_counter() - t0, time.process_time() - c0)
 
 
+def timed_run(step, state, batch, warmup: int, steps: int):
+  """First call, ``warmup`` untimed calls, then ``steps`` timed ones:
+  ``(state, last metrics, first call s, [wall s], [process CPU s])``."""
+  state, _, (first_call_s, _) = timed_step(step, state, batch)
+  for _ in range(warmup):
+    state, _, _ = timed_step(step, state, batch)
+  wall, cpu = [], []
+  metrics = None
+  for _ in range(steps):
+    state, metrics, (w, c) = timed_step(step, state, batch)
+    wall.append(w)
+    cpu.append(c)
+  return state, metrics, first_call_s, wall, cpu
+
+
 def measure(method: str, args: argparse.Namespace) -> dict:
   """Time and size one method's train step in this (fresh) process."""
   import jax
@@ -191,14 +206,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     pass
 
   rss_before_steps = _current_rss_bytes()
-  state, _, (first_call_s, _) = timed_step(step, state, batch)
-  for _ in range(args.warmup):
-    state, _, _ = timed_step(step, state, batch)
-  times, cpu_times = [], []
-  for _ in range(args.steps):
-    state, metrics, (wall, cpu) = timed_step(step, state, batch)
-    times.append(wall)
-    cpu_times.append(cpu)
+  state, metrics, first_call_s, times, cpu_times = timed_run(step, state, batch, args.warmup, args.steps)
 
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and "peak_bytes_in_use" in stats:
