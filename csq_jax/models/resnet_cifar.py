@@ -18,10 +18,14 @@ ModuleDef = Callable[[], nn.Module]
 
 
 class BasicBlock(nn.Module):
+  """Two 3x3 convs and a projection shortcut when the shape changes; also the
+  block of the ImageNet ResNet-18/34."""
+
   channels: int
   strides: int
   act: ModuleDef
   dtype: jnp.dtype = jnp.float32
+  expansion = 1  # output channels per ``channels``
 
   @nn.compact
   def __call__(self, x, train: bool):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from csq_jax.models.resnet_cifar import BasicBlock
 from csq_jax.quantizers.activations import ReLU
 
 ModuleDef = Callable[[], nn.Module]
@@ -28,27 +29,6 @@ def _conv(c: int, k: int, s: int, dtype, name: str) -> nn.Conv:
       c, (k, k), (s, s), padding=((k // 2, k // 2),) * 2, use_bias=False,
       kernel_init=nn.initializers.he_normal(), dtype=dtype, name=name,
   )
-
-
-class BasicBlock(nn.Module):
-  """Two 3x3 convs; output channels = ``channels``."""
-
-  channels: int
-  strides: int
-  act: ModuleDef
-  dtype: jnp.dtype = jnp.float32
-  expansion = 1
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    y = _conv(self.channels, 3, self.strides, self.dtype, "conv1")(x)
-    y = self.act()(_bn(train, self.dtype, "bn1")(y))
-    y = _conv(self.channels, 3, 1, self.dtype, "conv2")(y)
-    y = _bn(train, self.dtype, "bn2")(y)
-    if self.strides != 1 or x.shape[-1] != self.channels:
-      x = _conv(self.channels, 1, self.strides, self.dtype, "shortcut_conv")(x)
-      x = _bn(train, self.dtype, "shortcut_bn")(x)
-    return self.act()(x + y)
 
 
 class BottleneckBlock(nn.Module):
