@@ -97,6 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_soft = True  # also evaluate with soft gates (the gap to the hard model)
   c.eval_every = 1  # epochs
   c.keep_checkpoints = 2
+  c.checkpoint_every_steps = 0  # also save every this many steps mid-epoch (0: epoch ends only)
+  c.check_finite_every_steps = 100  # how often the loss is checked for NaN/Inf (a host sync)
   c.tensorboard = True
   c.progress = True
   c.fp_accuracy = -1.0  # float baseline accuracy for the summary, if known (-1: unknown)

@@ -1,8 +1,11 @@
 """Orbax ``CheckpointManager`` wiring: one checkpoint per epoch, resume, and
 refusal of checkpoints that belong to another run.
 
-Each checkpoint holds the train state and a JSON ``meta`` item (model, method,
-data set, bit planes, epochs completed). Restoring checks ``meta`` against the
+Checkpoints are numbered by global train step (one at the end of every
+epoch, one every ``checkpoint_every_steps``, and one when SIGTERM arrives), so
+a run resumes mid-epoch. Each holds the train state and a JSON ``meta`` item
+(model, method, data set, bit planes, step, epoch, phase, quantizer
+structure). Restoring checks ``meta`` against the
 current config so that a workdir of another model or method is refused with a
 clear error instead of being silently reinitialized or mis-restored. Saving is
 synchronous: the train step donates its input buffers, and a background save
@@ -36,22 +39,22 @@ def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, meta: dict[str, Any]) -> None:
-  """Save after ``epoch`` completed epochs (the checkpoint step is ``epoch``)."""
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
+  """Save the state after ``step`` train steps (counted over all phases)."""
   mngr.save(
-      epoch,
+      step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
       force=True,
   )
   mngr.wait_until_finished()
 
 
-def latest_epoch(mngr: ocp.CheckpointManager) -> int | None:
+def latest_step(mngr: ocp.CheckpointManager) -> int | None:
   return mngr.latest_step()
 
 
-def restore(mngr: ocp.CheckpointManager, epoch: int, template: Any, config) -> tuple[Any, dict]:
-  """Restore the state saved after ``epoch`` epochs into ``template``'s structure.
+def restore(mngr: ocp.CheckpointManager, step: int, template: Any, config) -> tuple[Any, dict]:
+  """Restore the state saved after ``step`` train steps into ``template``'s structure.
 
   ``template`` is a state pytree, or ``template(meta) -> state`` when the
   structure depends on what the checkpoint recorded (precisions changed by
@@ -63,10 +66,10 @@ def restore(mngr: ocp.CheckpointManager, epoch: int, template: Any, config) -> t
   """
   directory = mngr.directory
   try:
-    meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:
     raise CheckpointError(
-        f"Checkpoint {epoch} in {directory} is unreadable ({type(e).__name__}: {e}). Delete that"
+        f"Checkpoint {step} in {directory} is unreadable ({type(e).__name__}: {e}). Delete that"
         " step's folder to resume from an earlier one, or use a new --workdir."
     ) from e
   expected = run_identity(config)
@@ -82,17 +85,17 @@ def restore(mngr: ocp.CheckpointManager, epoch: int, template: Any, config) -> t
       template = template(meta)
     except (KeyError, ValueError, TypeError) as e:
       raise CheckpointError(
-          f"Checkpoint {epoch} in {directory} records a quantizer structure this run cannot rebuild"
+          f"Checkpoint {step} in {directory} records a quantizer structure this run cannot rebuild"
           f" ({type(e).__name__}: {e}). Use a new --workdir."
       ) from e
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
   try:
     restored = mngr.restore(
-        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )["state"]
   except Exception as e:
     raise CheckpointError(
-        f"Checkpoint {epoch} in {directory} does not fit this run's state ({type(e).__name__}: {e})."
+        f"Checkpoint {step} in {directory} does not fit this run's state ({type(e).__name__}: {e})."
         " It is corrupt or was written by an incompatible config; delete that step's folder"
         " or use a new --workdir."
     ) from e
@@ -111,13 +114,13 @@ def restore_float_weights(workdir: str, template: Any, config) -> tuple[Any, Any
       data set, or unreadable.
   """
   mngr = manager(workdir)
-  epoch = mngr.latest_step()
-  if epoch is None:
+  step = mngr.latest_step()
+  if step is None:
     raise CheckpointError(
         f"init_from={workdir!r} holds no checkpoint. Train the float model first"
         f" (--config.method=fp --workdir={workdir}) or clear init_from."
     )
-  meta = mngr.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   wanted = {"method": "fp", "model": config.model, "dataset": config.dataset}
   found = {k: meta.get(k) for k in wanted}
   if found != wanted:
@@ -125,7 +128,7 @@ def restore_float_weights(workdir: str, template: Any, config) -> tuple[Any, Any
         f"init_from={workdir!r} is a run of {found}, not a float run of {wanted}."
         " Point init_from at the workdir of a --config.method=fp run of this model and data set."
     )
-  state, _ = restore(mngr, epoch, template, _with(config, method="fp", n_bits=meta.get("n_bits")))
+  state, _ = restore(mngr, step, template, _with(config, method="fp", n_bits=meta.get("n_bits")))
   mngr.close()
   return state.params, state.batch_stats
 

@@ -1,7 +1,8 @@
 """Entry point: ``python -m csq_jax.main --config=configs/default.py --workdir=DIR``.
 
 Any config field can be overridden, e.g. ``--config.target_bits=2``. A run
-resumes from the latest checkpoint in ``DIR``.
+resumes from the latest checkpoint in ``DIR``. On SIGTERM (preemption) it
+saves the current step and exits with status 143; rerunning resumes there.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ml_collections import config_flags
 
 from csq_jax import checkpoint, data, train
 
+EXIT_PREEMPTED = 143
 USER_ERRORS = (train.ConfigError, data.DataError, checkpoint.CheckpointError, train.NonFiniteLossError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -31,6 +33,10 @@ def main(argv):
   except USER_ERRORS as e:
     # Bad input: one line that says what to do, no traceback.
     sys.exit(f"csq_jax: error: {e}")
+  except train.Preempted as e:
+    # 128 + SIGTERM, as if killed, so that schedulers requeue the job; the step is saved.
+    print(f"csq_jax: {e}", file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
   brief = {k: summary[k] for k in ("method", "model", "dataset", "target_bits", "avg_bits", "compression", "test_accuracy")}
   print(json.dumps(brief))
 

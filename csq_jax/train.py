@@ -20,11 +20,12 @@ the quantizer parameters (``transform.materialize``) and hands them to a plain
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import resource
+import signal
 import statistics
+import threading
 import time
 from typing import Any, Callable
 
@@ -52,6 +53,11 @@ class TrainState(struct.PyTreeNode):
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM (preemption) arrived: a checkpoint of the current step was saved;
+  rerunning the same command resumes from it."""
 
 
 class ConfigError(ValueError):
@@ -350,21 +356,74 @@ def _phase_of(epoch: int, phases: list[Phase]) -> tuple[int, int]:
   raise IndexError(epoch)
 
 
-def restore_state(mngr, epoch: int, init: TrainState, phases: list[Phase], method: methods.Method,
+def restore_state(mngr, step: int, init: TrainState, phases: list[Phase], method: methods.Method,
                   config) -> TrainState:
-  """The state saved after ``epoch`` epochs, in the structure it was saved
-  with: ``init`` moved to the checkpoint's phase (finetune: the method's
-  fixed scheme) and to the per-layer precisions it recorded (BSQ planes,
-  MSQ bits), then filled from the checkpoint."""
-  in_finetune = epoch > phases[0].epochs
+  """The state saved after ``step`` train steps, in the structure it was
+  saved with: ``init`` moved to the checkpoint's phase (finetune: the
+  method's fixed scheme) and to the per-layer precisions it recorded (BSQ
+  planes, MSQ bits), then filled from the checkpoint."""
 
   def template(meta):
+    in_finetune = meta["phase_index"] > 0
     t = start_finetune(init, phases[1], method) if in_finetune else init
     params = method.restructure(t.params, meta.get("structure", {}))
     return t.replace(params=params, opt_state=phases[int(in_finetune)].tx.init(params))
 
-  state, _ = checkpoint.restore(mngr, epoch, template, config)
+  state, _ = checkpoint.restore(mngr, step, template, config)
   return state
+
+
+class PreemptionGuard:
+  """Records SIGTERM instead of dying, so the loop can save the current step
+  and exit cleanly (a preempted TPU VM or a SLURM job gets SIGTERM first).
+
+  On several processes the hosts must stop at the same step: there JAX's
+  preemption sync point (``mngr.reached_preemption``, armed by
+  ``jax.distributed.initialize``) decides instead of the local flag.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint after this step.")
+    self.requested = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # signal handlers: main thread only
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, mngr, global_step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(mngr.reached_preemption(global_step))
+    return self.requested
+
+
+def _check_finite(per_step: list[dict[str, jax.Array]], first_step: int, epoch: int, phase: Phase,
+                  mngr, saved_step: int) -> None:
+  """Raise ``NonFiniteLossError`` naming the first step of ``per_step``
+  (global steps ``first_step, first_step + 1, ...``) whose loss is NaN/Inf."""
+  if not per_step:
+    return
+  losses = np.asarray(jax.device_get(jnp.stack([m["loss"] for m in per_step])))
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size == 0:
+    return
+  i = int(bad[0])
+  raise NonFiniteLossError(
+      f"The training loss became {losses[i]} at step {first_step + i} (epoch {epoch + 1}, {phase.name}"
+      " phase). Training stopped; "
+      + (f"the last good checkpoint (step {saved_step}) in {mngr.directory} is kept."
+         if saved_step else "no checkpoint had been saved yet.")
+      + " Lower learning_rate or the method's penalty strength (reg_strength, bsq_alpha, msq_lambda)"
+      " and rerun."
+  )
 
 
 def _peak_memory() -> dict[str, float]:
@@ -395,67 +454,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   writer = metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard)
-  done = checkpoint.latest_epoch(mngr) or 0
-  if done:
-    state = restore_state(mngr, done, state, phases, method, config)
-    logging.info("Resumed from %s after epoch %d.", mngr.directory, done)
-  writer.truncate(done)
+  saved = checkpoint.latest_step(mngr) or 0  # checkpoints are numbered by global train step
+  if saved:
+    state = restore_state(mngr, saved, state, phases, method, config)
+    logging.info("Resumed from %s after step %d.", mngr.directory, saved)
+  first_epoch, resume_batch = divmod(saved, spe)
+  writer.truncate(first_epoch)
+
+  def save(global_step: int):
+    meta = {**identity, "step": global_step, "epoch": global_step / spe, "phase_index": pi,
+            "structure": method.structure(state.params)}
+    checkpoint.save(mngr, global_step, state, meta)
 
   eval_hard = make_eval_step(model, hard=True)
   eval_soft = make_eval_step(model, hard=False)
   steps = [make_train_step(model, p, method) for p in phases]
+  check_every = max(int(config.get("check_finite_every_steps", 100)), 1)
+  save_every = int(config.get("checkpoint_every_steps", 0))
   epoch_times = []
-  for epoch in range(done, total_epochs):
-    pi, pe = _phase_of(epoch, phases)
-    phase = phases[pi]
-    if pi > 0 and pe == 0:
-      state = start_finetune(state, phase, method)
-    t0 = time.perf_counter()
-    per_step = []
-    with _progress(spe, f"{phase.name} epoch {epoch + 1}/{total_epochs}", config.progress) as bar:
-      for batch in data.train_batches(ds, config.batch_size, config.seed, epoch):
-        state, m = steps[pi](state, batch)
-        per_step.append(m)
-        bar.update(1)
-    train = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *per_step))
-    epoch_time = time.perf_counter() - t0
-    epoch_times.append(epoch_time)
-    if not math.isfinite(float(train["loss"])):
-      raise NonFiniteLossError(
-          f"The training loss became {float(train['loss'])} in epoch {epoch + 1} ({phase.name} steps"
-          f" up to {int(state.step)}). Nothing of this epoch was saved; "
-          + (f"the last good checkpoint (epoch {done}) in {mngr.directory} is kept."
-             if done else "no checkpoint had been saved yet.")
-          + " Lower learning_rate or the method's penalty strength (reg_strength, bsq_alpha, msq_lambda)"
-          " and rerun."
+  with PreemptionGuard() as guard:
+    for epoch in range(first_epoch, total_epochs):
+      pi, pe = _phase_of(epoch, phases)
+      phase = phases[pi]
+      start = resume_batch if epoch == first_epoch else 0
+      if pi > 0 and pe == 0 and start == 0:
+        state = start_finetune(state, phase, method)
+      t0 = time.perf_counter()
+      per_step, checked = [], 0
+      first_step = epoch * spe + start + 1  # global step number of this process's first step here
+      batches = data.train_batches(ds, config.batch_size, config.seed, epoch)[start:]
+      with _progress(spe, f"{phase.name} epoch {epoch + 1}/{total_epochs}", config.progress) as bar:
+        bar.update(start)
+        for batch in batches:
+          state, m = steps[pi](state, batch)
+          per_step.append(m)
+          bar.update(1)
+          global_step = first_step + len(per_step) - 1
+          stop = guard.should_stop(mngr, global_step)
+          periodic = save_every > 0 and global_step % save_every == 0 and global_step % spe != 0
+          if stop or periodic or len(per_step) - checked >= check_every:
+            _check_finite(per_step[checked:], first_step + checked, epoch, phase, mngr, saved)
+            checked = len(per_step)
+          if stop or periodic:
+            save(global_step)
+            saved = global_step
+          if stop:
+            raise Preempted(
+                f"Preempted (SIGTERM) at step {global_step} (epoch {epoch + 1}); the checkpoint of"
+                f" that step is saved in {mngr.directory}. Rerun the same command to resume.")
+      _check_finite(per_step[checked:], first_step + checked, epoch, phase, mngr, saved)
+      train = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *per_step))
+      epoch_time = time.perf_counter() - t0
+      epoch_times.append(epoch_time)
+      metrics = {f"train_{k}": v for k, v in train.items()}
+      if pi == 0 and phase.penalty:  # the method's between-epoch change (BSQ re-quantization, MSQ pruning)
+        ctx = methods.AdjustContext(
+            epoch=pe + 1, epochs=phase.epochs, model=model, batch_stats=state.batch_stats,
+            batches=lambda: data.train_batches(ds, config.batch_size, config.seed + 2, epoch),
+            key=jax.random.fold_in(jax.random.key(config.seed + 3), epoch),
+        )
+        params, info = method.adjust(state.params, ctx)
+        if params is not state.params:
+          state = state.replace(params=params, opt_state=carry_opt_state(phase.tx, state.opt_state, params))
+        metrics.update({f"adjust_{k}": v for k, v in info.items()})
+      if (epoch + 1) % config.eval_every == 0 or epoch + 1 == total_epochs:
+        metrics["test_accuracy"], metrics["test_loss"] = evaluate(eval_hard, state, ds, config.eval_batch_size)
+        if config.eval_soft:  # the model as trained, gates at the current temperature
+          beta = phase.beta(state.step)
+          metrics["test_accuracy_soft"], _ = evaluate(eval_soft, state, ds, config.eval_batch_size, beta)
+      metrics.update(
+          phase=phase.name, beta=float(phase.beta(state.step)),
+          avg_bits=float(budget.average_bits(state.params, "params")),
+          model_size_bits=float(budget.model_size_bits(state.params)),
+          compression=float(budget.compression(state.params)),
+          epoch_time_s=epoch_time,
       )
-    metrics = {f"train_{k}": v for k, v in train.items()}
-    if pi == 0 and phase.penalty:  # the method's between-epoch change (BSQ re-quantization, MSQ pruning)
-      ctx = methods.AdjustContext(
-          epoch=pe + 1, epochs=phase.epochs, model=model, batch_stats=state.batch_stats,
-          batches=lambda: data.train_batches(ds, config.batch_size, config.seed + 2, epoch),
-          key=jax.random.fold_in(jax.random.key(config.seed + 3), epoch),
-      )
-      params, info = method.adjust(state.params, ctx)
-      if params is not state.params:
-        state = state.replace(params=params, opt_state=carry_opt_state(phase.tx, state.opt_state, params))
-      metrics.update({f"adjust_{k}": v for k, v in info.items()})
-    if (epoch + 1) % config.eval_every == 0 or epoch + 1 == total_epochs:
-      metrics["test_accuracy"], metrics["test_loss"] = evaluate(eval_hard, state, ds, config.eval_batch_size)
-      if config.eval_soft:  # the model as trained, gates at the current temperature
-        beta = phase.beta(state.step)
-        metrics["test_accuracy_soft"], _ = evaluate(eval_soft, state, ds, config.eval_batch_size, beta)
-    metrics.update(
-        phase=phase.name, beta=float(phase.beta(state.step)),
-        avg_bits=float(budget.average_bits(state.params, "params")),
-        model_size_bits=float(budget.model_size_bits(state.params)),
-        compression=float(budget.compression(state.params)),
-        epoch_time_s=epoch_time,
-    )
-    writer.write(epoch + 1, metrics)
-    checkpoint.save(mngr, epoch + 1, state,
-                    {**identity, "epoch": epoch + 1, "structure": method.structure(state.params)})
-    done = epoch + 1
+      writer.write(epoch + 1, metrics)
+      save((epoch + 1) * spe)
+      saved = (epoch + 1) * spe
   writer.close()
 
   state = state.replace(params=method.finalize(state.params))

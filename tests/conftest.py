@@ -41,23 +41,24 @@ def restore_final_state(config, workdir):
   from csq_jax import checkpoint, data, methods, train
 
   ds = data.load_dataset(config)
-  phases = train.make_phases(config, data.steps_per_epoch(ds, config.batch_size))
+  spe = data.steps_per_epoch(ds, config.batch_size)
+  phases = train.make_phases(config, spe)
   model = train.create_model(config, ds.num_classes)
   state, _ = train.init_state(config, model, ds.image_shape, phases[0], jax.random.key(0))
-  total = config.num_epochs + config.finetune_epochs
+  total = (config.num_epochs + config.finetune_epochs) * spe
   return train.restore_state(checkpoint.manager(str(workdir)), total, state, phases, methods.get(config), config)
 
 
 def kill_after_epoch(monkeypatch, epoch: int):
   """Make ``checkpoint.save`` raise ``KeyboardInterrupt`` right after saving
-  ``epoch`` (a simulated kill); returns the real ``save`` to restore."""
+  the end of ``epoch`` (a simulated kill); returns the real ``save`` to restore."""
   from csq_jax import checkpoint
 
   real_save = checkpoint.save
 
-  def save_then_die(mngr, saved_epoch, state, meta):
-    real_save(mngr, saved_epoch, state, meta)
-    if saved_epoch == epoch:
+  def save_then_die(mngr, step, state, meta):
+    real_save(mngr, step, state, meta)
+    if meta["epoch"] == epoch:
       raise KeyboardInterrupt(f"simulated kill after epoch {epoch}")
 
   monkeypatch.setattr(checkpoint, "save", save_then_die)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -110,7 +111,8 @@ def test_checkpoint_of_another_run_is_refused(tiny_config, tmp_path):
 def test_corrupt_checkpoint_is_refused_and_kept(tiny_config, tmp_path):
   tiny_config.num_epochs = 1
   train.train_and_evaluate(tiny_config, str(tmp_path))
-  step_dir = tmp_path / "checkpoints" / "1" / "state"
+  (saved,) = os.listdir(tmp_path / "checkpoints")  # the step that ends epoch 1
+  step_dir = tmp_path / "checkpoints" / saved / "state"
   for root, _, files in os.walk(step_dir):
     for f in files:
       p = os.path.join(root, f)
@@ -119,7 +121,7 @@ def test_corrupt_checkpoint_is_refused_and_kept(tiny_config, tmp_path):
   tiny_config.num_epochs = 2
   with pytest.raises(checkpoint.CheckpointError, match="corrupt|unreadable"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
-  assert (tmp_path / "checkpoints" / "1").exists()
+  assert (tmp_path / "checkpoints" / saved).exists()
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_config, tmp_path):
@@ -128,10 +130,12 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_config, tmp_p
   summary_before = (tmp_path / "summary.json").read_text()
   tiny_config.num_epochs = 3
   tiny_config.learning_rate = 1e30  # diverges in the resumed epoch
-  with pytest.raises(train.NonFiniteLossError, match="epoch 2"):
+  (saved,) = checkpoint.manager(str(tmp_path)).all_steps()
+  with pytest.raises(train.NonFiniteLossError, match=rf"epoch 2.*last good checkpoint \(step {saved}\)") as e:
     train.train_and_evaluate(tiny_config, str(tmp_path))
-  mngr = checkpoint.manager(str(tmp_path))
-  assert mngr.all_steps() == [1]
+  bad_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+  assert saved < bad_step <= 2 * saved  # named within the epoch that diverged
+  assert checkpoint.manager(str(tmp_path)).all_steps() == [saved]
   assert (tmp_path / "summary.json").read_text() == summary_before
 
 

@@ -1,0 +1,95 @@
+"""Fault tolerance: preemption mid-epoch, SIGTERM, periodic checkpoints."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config, restore_final_state
+from csq_jax import checkpoint, data, train
+
+
+def _assert_bitwise_equal(a, b):
+  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _steps_per_epoch(config):
+  return data.steps_per_epoch(data.load_dataset(config), config.batch_size)
+
+
+def test_preemption_mid_epoch_saves_that_step_and_resumes_bit_identically(tiny_config, tmp_path, monkeypatch):
+  tiny_config.num_epochs = 2
+  tiny_config.finetune_epochs = 1
+  full = train.train_and_evaluate(tiny_config, str(tmp_path / "full"))
+
+  spe = _steps_per_epoch(tiny_config)
+  stop_at = 2 * spe + 3  # three steps into the finetune epoch
+  real = train.PreemptionGuard.should_stop
+  monkeypatch.setattr(train.PreemptionGuard, "should_stop", lambda self, mngr, step: step == stop_at)
+  with pytest.raises(train.Preempted, match=f"step {stop_at} "):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+  assert checkpoint.manager(str(tmp_path / "resumed")).latest_step() == stop_at
+  assert not (tmp_path / "resumed" / "summary.json").exists()
+
+  monkeypatch.setattr(train.PreemptionGuard, "should_stop", real)
+  resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+  assert resumed["test_accuracy"] == full["test_accuracy"]
+  _assert_bitwise_equal(restore_final_state(tiny_config, tmp_path / "full"),
+                        restore_final_state(tiny_config, tmp_path / "resumed"))
+
+
+def test_periodic_checkpoints_are_numbered_by_global_step(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  tiny_config.keep_checkpoints = 10
+  spe = _steps_per_epoch(tiny_config)
+  tiny_config.checkpoint_every_steps = 5
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  steps = checkpoint.manager(str(tmp_path)).all_steps()
+  assert steps == sorted(set(range(5, spe, 5)) | {spe})
+
+
+def _cli(workdir, *overrides):
+  return [sys.executable, "-m", "csq_jax.main", f"--config={ROOT}/configs/default.py", f"--workdir={workdir}",
+          "--config.finetune_epochs=0", "--config.progress=False", "--config.tensorboard=False",
+          "--config.eval_soft=False", *overrides]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_rerun_matches(tmp_path):
+  """A real SIGTERM to the CLI: status 143, one line naming the saved step,
+  and the rerun ends with the same parameters as an uninterrupted run."""
+  epochs = "--config.num_epochs=6"  # the same in the config below
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  uninterrupted = subprocess.run(_cli(tmp_path / "full", epochs), env=env, capture_output=True, text=True,
+                                 timeout=600)
+  assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+
+  proc = subprocess.Popen(_cli(tmp_path / "run", epochs), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+    time.sleep(0.05)  # first epoch done: the step is compiled and training
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-2000:]
+  assert "Traceback" not in err
+  step = int(re.search(r"Preempted \(SIGTERM\) at step (\d+)", err).group(1))
+  assert checkpoint.manager(str(tmp_path / "run")).latest_step() == step
+  assert not (tmp_path / "run" / "summary.json").exists()
+
+  rerun = subprocess.run(_cli(tmp_path / "run", epochs), env=env, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  config = load_config("default")
+  config.num_epochs, config.finetune_epochs = 6, 0
+  _assert_bitwise_equal(restore_final_state(config, tmp_path / "full"), restore_final_state(config, tmp_path / "run"))
+
