@@ -1,16 +1,16 @@
-"""CSQ on CIFAR-10 with ResNet-20: the paper's setup (Sec. IV-A, Table I).
+"""CSQ on CIFAR-10 with ResNet-20: the paper's setup (Sec. IV-A, Tables I and V).
 
 600 epochs from scratch, SGD momentum 0.9, lr 0.1 with cosine annealing,
-weight decay 5e-4, lambda 0.01, beta 1 -> 200, 8 bit planes, no finetune.
-Pick the budget and the activation precision by override:
+weight decay 5e-4, lambda 0.01, beta 1 -> 200, 8 bit planes, no finetune
+(every knob: csq_jax/configlib.py). Pick a row of Table I with the config
+argument: ``tN`` is the target (W-bits), ``aN`` the activation bits (PACT;
+32 = float), e.g.
 
-  python -m csq_jax.main --config=configs/cifar10_resnet20.py --workdir=runs/r20_t2a3 \
-      --config.data_dir=$HOME/tensorflow_datasets --config.target_bits=2 --config.act_bits=3
+  python -m csq_jax.main --config=configs/cifar10_resnet20.py:t2,a3 --workdir=runs/r20_t2a3 \
+      --config.data_dir=$HOME/tensorflow_datasets
 
-``--config=configs/cifar10_resnet20.py:runlocal`` shrinks it to a 2-epoch smoke test.
-
-The rival methods' recipes are selected the same way (comma-separated, e.g.
-``:bsq,runlocal``):
+``runlocal`` shrinks it to a 2-epoch smoke test. The rival methods' recipes
+are selected the same way (e.g. ``:bsq,t3,runlocal``):
 
 * ``:bsq`` -- BSQ's reference ResNet-20 setup (its public code): start from
   a float model's 8-bit quantization (``init_from``: the workdir of a
@@ -24,103 +24,26 @@ The rival methods' recipes are selected the same way (comma-separated, e.g.
 * ``:ste``, ``:csq_uniform``, ``:fp`` -- the baselines on CSQ's schedule.
 """
 
-import ml_collections
+from csq_jax import configlib
 
 
-def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = {a.strip() for a in arg.split(",") if a.strip()}
-  methods = args & {"bsq", "msq", "ste", "csq_uniform", "fp", "csq"}
-  unknown = args - methods - {"runlocal"}
-  if unknown or len(methods) > 1:
-    raise ValueError(f"Config arguments {sorted(args)}: expected at most one of bsq, msq, ste, csq_uniform,"
-                     " fp, csq, and optionally runlocal.")
-  c = ml_collections.ConfigDict()
-  # What to train.
-  c.model = "resnet20"  # He et al.'s 3x3 basic-block ResNet-20, 0.27M params
-  c.dataset = "tfds:cifar10"
-  c.data_dir = ""  # tfds data_dir holding cifar10 prepared as ArrayRecord (see README)
-  c.method = "csq"  # csq | csq_uniform | ste | fp | bsq | msq (README: methods)
-  c.seed = 0
-  c.init_from = ""  # workdir of a finished fp run to start from ("" = random init)
-
-  # Quantization (Sec. III). n_bits bit planes per layer; the budget is the
-  # parameter-weighted average precision of the counted layers.
-  c.n_bits = 8
-  c.target_bits = 2.0  # T of Tables I and V: override with --config.target_bits
-  c.reg_strength = 0.01  # lambda of Eq. (7)
-  c.budget_weighting = "params"  # params (paper) | layers (authors' code)
-  c.beta0 = 1.0  # initial gate temperature
-  c.beta_max = 200.0  # temperature reached at the end of each phase
-  c.csq_init = "float"  # float: bit planes of the model's He init; random: random bit logits
-  c.logit_init = 1.0  # magnitude of the initial bit logits (the authors' code: bits 0/1)
-  c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary
-  c.mask_momentum = 0.9  # SGD momentum of the mask logits (the paper: plain SGD, 0.9)
-  # Path rules (regex on the /-joined param path, first full match wins):
-  # (pattern, "quantize" | "float" | "fixed"[, bits]). Unmatched params stay float.
-  c.rules = (
-      (".*shortcut_conv/kernel", "float"),  # 1x1 downsample convs: float, not counted
-      (".*kernel", "quantize"),  # every other conv and dense kernel, first and last included
-  )
-  # BSQ and MSQ knobs (see configs/default.py for what each means).
-  c.bsq_alpha = 0.01
-  c.bsq_requant_every = 100
-  c.bsq_threshold = 0.0
-  c.msq_lambda = 0.05
-  c.msq_prune_every = 10
-  c.msq_threshold = 0.6
-  c.msq_hessian = True
-  c.msq_hessian_probes = 8
-  c.msq_hessian_batches = 2
-  c.budget_tolerance = 0.25
-  c.act_bits = 32  # A-bits of Table I: 32, 3 or 2 (PACT)
-  c.act_quantizer = "pact"  # pact | relu6 | maxabs
-
-  # Optimization (Sec. IV-A): SGD momentum 0.9, cosine learning rate.
-  c.num_epochs = 600
-  c.batch_size = 128
-  c.eval_batch_size = 1000
-  c.learning_rate = 0.1
-  c.warmup_epochs = 0
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.lr_decay = "cosine"  # cosine | step (lr_step_factor at each of lr_step_epochs)
-  c.lr_step_epochs = ()
-  c.finetune_lr_step_epochs = ()
-  c.lr_step_factor = 0.1
-  # Optional mixed-precision finetune (Alg. 1): masks frozen, beta rewound.
-  c.finetune_epochs = 0
+def bsq_recipe(c):
+  c.num_epochs = 350
+  c.lr_decay = "step"
+  c.lr_step_epochs = (250,)
+  c.weight_decay = 1e-4
+  c.finetune_epochs = 300
   c.finetune_learning_rate = 0.01
-  c.finetune_beta0 = 1.0  # Alg. 1 rewinds beta to beta0 ...
-  c.finetune_beta_max = 200.0  # ... and grows it again by this factor
-  # Passes over the training data that re-estimate BN statistics under the
-  # final hard-quantized weights (0: keep the running statistics of training).
-  c.bn_recalibration_epochs = 1
 
-  # Bookkeeping.
-  c.eval_soft = True  # also evaluate with soft gates (the gap to the hard model)
-  c.eval_every = 5  # epochs
-  c.keep_checkpoints = 2
-  c.checkpoint_every_steps = 0  # also save every this many steps mid-epoch (0: epoch ends only)
-  c.check_finite_every_steps = 100  # how often the loss is checked for NaN/Inf (a host sync)
-  c.tensorboard = True
-  c.progress = True
+
+def msq_recipe(c):
+  c.num_epochs = 350
+  c.finetune_epochs = 30
+
+
+def get_config(arg: str = ""):
+  c = configlib.common()
+  c.model = "resnet20"  # He et al.'s 3x3 basic-block ResNet-20, 0.27M params
+  c.dataset = "tfds:cifar10"  # prepared as ArrayRecord in data_dir (README)
   c.fp_accuracy = 0.9262  # the paper's float ResNet-20 (Table I)
-  if methods:
-    c.method = methods.pop()
-  if c.method == "bsq":
-    c.num_epochs = 350
-    c.lr_decay = "step"
-    c.lr_step_epochs = (250,)
-    c.weight_decay = 1e-4
-    c.finetune_epochs = 300
-    c.finetune_learning_rate = 0.01
-  elif c.method == "msq":
-    c.num_epochs = 350
-    c.finetune_epochs = 30
-  if "runlocal" in args:
-    c.num_epochs = 2
-    c.finetune_epochs = min(c.finetune_epochs, 1)
-    c.eval_every = 1
-    c.bsq_requant_every = 1
-    c.msq_prune_every = 1
-  return c
+  return configlib.apply_args(c, configlib.parse_args(arg), {"bsq": bsq_recipe, "msq": msq_recipe})

@@ -92,6 +92,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("num_epochs must be >= 1 and finetune_epochs >= 0.")
   if config.batch_size < 1 or config.learning_rate <= 0:
     raise ConfigError("batch_size and learning_rate must be positive.")
+  if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+    raise ConfigError(f"Unknown compute_dtype {config.compute_dtype!r}; expected one of {sorted(COMPUTE_DTYPES)}.")
   if config.lr_decay not in LR_DECAYS:
     raise ConfigError(f"Unknown lr_decay {config.lr_decay!r}; expected one of {LR_DECAYS}.")
   if config.method == "msq" and not 0.0 <= config.msq_threshold <= 1.0:
@@ -194,9 +196,14 @@ def make_phases(config, steps_per_epoch: int) -> list[Phase]:
   return phases
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def create_model(config, num_classes: int):
+  """The config's model; ``compute_dtype`` sets its activations' dtype, while
+  its parameters (and so every quantizer parameter) stay float32."""
   act = activations.activation_factory(config.act_quantizer, config.act_bits)
-  return models.create_model(config.model, num_classes, act)
+  return models.create_model(config.model, num_classes, act, COMPUTE_DTYPES[config.get("compute_dtype", "float32")])
 
 
 def init_state(config, model, image_shape, phase: Phase, key: jax.Array):

@@ -1,0 +1,138 @@
+"""Shared pieces of the experiment configs in ``configs/``.
+
+``common()`` holds every knob with the paper's value and a comment saying what
+it means; each config file overrides what its experiment changes (model, data,
+schedule) and stays a complete description when read with this file.
+``apply_args`` parses the config-file argument that big_vision-style configs
+take, e.g. ``configs/imagenet_r50.py:msq,runlocal``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_collections
+
+METHOD_ARGS = ("csq", "csq_uniform", "ste", "fp", "bsq", "msq")
+_BITS_ARG = re.compile(r"([ta])(\d+(?:\.\d+)?)")  # t2: target 2 bits, a3: 3-bit activations
+
+
+def common() -> ml_collections.ConfigDict:
+  """Every knob, at the CSQ paper's CIFAR-10 values (Sec. IV-A)."""
+  c = ml_collections.ConfigDict()
+  # What to train.
+  c.model = "resnet20"  # csq_jax/models: small_cnn, resnet20/32/56, resnet18/34/50, vgg19_bn, ...
+  c.dataset = "digits"  # digits | npz:PATH | tfds:NAME (then set data_dir)
+  c.data_dir = ""  # tfds data_dir holding the prepared data set (ArrayRecord, see README)
+  c.method = "csq"  # csq | csq_uniform | ste | fp | bsq | msq (README: methods)
+  c.seed = 0
+  # Where the float weights start: "" (random init), the workdir of a finished
+  # --config.method=fp run, or a pretrained file (.safetensors/.pth, torchvision names).
+  c.init_from = ""
+  c.compute_dtype = "float32"  # float32 | bfloat16: activations and matmuls (quantizer params stay float32)
+
+  # Quantization (Sec. III). n_bits bit planes per layer; the budget is the
+  # parameter-weighted average precision of the counted layers.
+  c.n_bits = 8
+  c.target_bits = 2.0  # T; for csq_uniform / ste the fixed precision
+  c.reg_strength = 0.01  # lambda of Eq. (7)
+  c.budget_weighting = "params"  # params (paper) | layers (authors' code)
+  c.beta0 = 1.0  # initial gate temperature
+  c.beta_max = 200.0  # temperature reached at the end of each phase
+  c.csq_init = "float"  # float: bit planes of the model's (or init_from's) weights; random: random logits
+  c.logit_init = 1.0  # magnitude of the initial bit logits (the authors' code: bits 0/1)
+  c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary
+  c.mask_momentum = 0.9  # SGD momentum of the mask logits (the paper: plain SGD, 0.9)
+  # Path rules (regex on the /-joined param path, first full match wins):
+  # (pattern, "quantize" | "float" | "fixed"[, bits]). Unmatched params stay float.
+  c.rules = (
+      (".*shortcut_conv/kernel", "float"),  # 1x1 downsample convs: float, not counted
+      (".*kernel", "quantize"),  # every other conv and dense kernel, first and last included
+  )
+  # BSQ (method="bsq", ref. [8] of CSQ): group-Lasso strength, re-quantization
+  # period (epochs) and LSB-plane threshold; see configs/default.py.
+  c.bsq_alpha = 0.01
+  c.bsq_requant_every = 100
+  c.bsq_threshold = 0.0
+  # MSQ (method="msq"): L1 on LSBs, pruning period and sparsity threshold,
+  # Hessian-aware k (Hutchinson probes on training batches).
+  c.msq_lambda = 0.05
+  c.msq_prune_every = 10
+  c.msq_threshold = 0.6
+  c.msq_hessian = True
+  c.msq_hessian_probes = 8
+  c.msq_hessian_batches = 2
+  c.budget_tolerance = 0.25  # BSQ/MSQ: how far below the target whole-bit steps may go
+  c.act_bits = 32  # A-bits: 32 = float activations
+  c.act_quantizer = "pact"  # pact | relu6 | maxabs
+
+  # Optimization (Sec. IV-A): SGD momentum 0.9, cosine learning rate.
+  c.num_epochs = 600
+  c.batch_size = 128
+  c.eval_batch_size = 1000
+  c.learning_rate = 0.1
+  c.warmup_epochs = 0
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.lr_decay = "cosine"  # cosine | step (lr_step_factor at each of lr_step_epochs)
+  c.lr_step_epochs = ()
+  c.finetune_lr_step_epochs = ()
+  c.lr_step_factor = 0.1
+  # Optional mixed-precision finetune (Alg. 1): masks frozen, beta rewound.
+  c.finetune_epochs = 0
+  c.finetune_learning_rate = 0.01
+  c.finetune_beta0 = 1.0  # Alg. 1 rewinds beta to beta0 ...
+  c.finetune_beta_max = 200.0  # ... and grows it again by this factor
+  # Passes over the training data that re-estimate BN statistics under the
+  # final hard-quantized weights (0: keep the running statistics of training).
+  c.bn_recalibration_epochs = 1
+
+  # Bookkeeping.
+  c.eval_soft = True  # also evaluate with soft gates (the gap to the hard model)
+  c.eval_every = 5  # epochs
+  c.keep_checkpoints = 2
+  c.checkpoint_every_steps = 0  # also save every this many steps mid-epoch (0: epoch ends only)
+  c.check_finite_every_steps = 100  # how often the loss is checked for NaN/Inf (a host sync)
+  c.tensorboard = True
+  c.progress = True
+  c.fp_accuracy = -1.0  # float baseline accuracy for the summary, if known (-1: unknown)
+  return c
+
+
+def parse_args(arg: str, extra: tuple[str, ...] = ()) -> set[str]:
+  """The comma-separated config argument as a set; unknown words are an error.
+
+  Known: one method name, ``runlocal``, ``tN`` (target bits N), ``aN``
+  (activation bits N), and the config's own ``extra`` words.
+  """
+  args = {a.strip() for a in arg.split(",") if a.strip()}
+  unknown = {a for a in args if a not in METHOD_ARGS + ("runlocal",) + extra and not _BITS_ARG.fullmatch(a)}
+  if unknown or len(args & set(METHOD_ARGS)) > 1:
+    raise ValueError(f"Config arguments {sorted(args)}: expected at most one of {', '.join(METHOD_ARGS)},"
+                     f" and optionally runlocal, tN (target bits), aN (activation bits)"
+                     + (f", {', '.join(extra)}" if extra else "") + ".")
+  return args
+
+
+def apply_args(c: ml_collections.ConfigDict, args: set[str], recipes=None) -> ml_collections.ConfigDict:
+  """Set the method (then its recipe, ``recipes[method](c)``), ``tN``, ``aN``
+  and, last, ``runlocal``: 2 epochs (1 finetune), tiny batches, every periodic
+  action each epoch, so any experiment becomes a smoke test."""
+  for a in args:
+    bits = _BITS_ARG.fullmatch(a)
+    if a in METHOD_ARGS:
+      c.method = a
+    elif bits and bits.group(1) == "t":
+      c.target_bits = float(bits.group(2))
+    elif bits:
+      c.act_bits = int(float(bits.group(2)))
+  if recipes and c.method in recipes:
+    recipes[c.method](c)
+  if "runlocal" in args:
+    c.num_epochs = 2
+    c.finetune_epochs = min(c.finetune_epochs, 1)
+    c.warmup_epochs = 0
+    c.eval_every = 1
+    c.bsq_requant_every = 1
+    c.msq_prune_every = 1
+  return c
