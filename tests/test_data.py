@@ -125,3 +125,24 @@ def test_pad_crop_flip_is_a_shifted_window():
         for win in [padded[i, dy:dy + 8, dx:dx + 8]]
     )
     assert found
+
+
+def test_digits_resume_and_processes_reproduce_the_global_batches():
+  """Batch-wise augmentation: batch k of a resumed epoch and the rows of two
+  processes equal the uninterrupted single-process batches."""
+  ds = data.load_digits_dataset()
+  full = data.train_batches(ds, 64, seed=2, epoch=1)
+  resumed = data.train_batches(ds, 64, seed=2, epoch=1, start=5)
+  assert len(resumed) == len(full) - 5
+  np.testing.assert_array_equal(resumed[0]["image"], full[5]["image"])
+  halves = [data.train_batches(ds, 64, 2, 1, start=5, process_index=p, process_count=2) for p in range(2)]
+  for i in (0, len(resumed) - 1):
+    for key in ("image", "label"):
+      assert halves[0][i][key].shape[0] == 32
+      np.testing.assert_array_equal(np.concatenate([h[i][key] for h in halves]), full[5 + i][key])
+  evals = [list(data.eval_batches(ds, 128, p, 2)) for p in range(2)]
+  for i, b in enumerate(data.eval_batches(ds, 128)):
+    for key in ("image", "label", "mask"):
+      np.testing.assert_array_equal(np.concatenate([e[i][key] for e in evals]), b[key])
+  with pytest.raises(data.DataError, match="not divisible"):
+    data.train_batches(ds, 64, 0, 0, process_count=3)

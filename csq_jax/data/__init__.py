@@ -10,23 +10,33 @@
   ``config.data_dir`` in the ArrayRecord format, read with tensorflow-datasets'
   ``data_source`` (random access, no TensorFlow) and the standard CIFAR
   augmentation (4-pixel pad, random crop, horizontal flip).
+* ``tfds:imagenet2012`` and other tfds sets whose images vary in size: JPEG
+  bytes decoded with Pillow and cropped per example to ``config.image_size``
+  (default 224; see ``data/imagenet.py``); the evaluation set is the
+  ``validation`` split for ``imagenet2012*``, else ``test``.
 
 Every pipeline is a ``grain.MapDataset``: shuffled with a seed that depends on
-the epoch, batched, then augmented batch-wise with a per-batch random
-generator, so an epoch's batches are a pure function of ``(seed, epoch)`` and
-resuming at an epoch boundary replays exactly the same data.
+the epoch, transformed per example (``Dataset.train_map``, for images of
+varying size), batched, then augmented batch-wise (``Dataset.augment``) with a
+per-batch random generator. Batch ``i`` of an epoch is a pure function of
+``(seed, epoch, i)``: a run resumes mid-epoch at any batch (``start``), and
+``process_count`` hosts together read exactly the single-host global batches.
+Iterate with ``to_iterator`` (bounded prefetch, optional worker processes)
+and ``prefetch_to_device``; iterating a ``MapDataset`` directly uses grain's
+default read-ahead of up to 500 elements.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grain
 import numpy as np
 
-from csq_jax.data import augment
+from csq_jax.data import augment, imagenet
 
 
 class DataError(ValueError):
@@ -53,7 +63,10 @@ class Dataset:
 
   ``normalize`` maps a batch of raw images (uint8 or float, NHWC) to float32
   model inputs; ``augment`` (or None) maps ``(batch images, rng)`` to
-  augmented raw images.
+  augmented raw images. For sources whose images vary in size, ``train_map``
+  maps ``(example, rng)`` and ``eval_map`` maps ``example`` to an example whose
+  image has ``image_shape``, before batching; None keeps the stored images.
+  ``augment`` is applied only when ``train_map`` is None.
   """
 
   name: str
@@ -63,6 +76,8 @@ class Dataset:
   image_shape: tuple[int, int, int]
   normalize: Callable[[np.ndarray], np.ndarray]
   augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None
+  train_map: Callable[[dict, np.random.Generator], dict] | None = None
+  eval_map: Callable[[dict], dict] | None = None
 
   @property
   def num_train(self) -> int:
@@ -164,7 +179,8 @@ _CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 class _TfdsSource:
-  """A tfds data_source with only the image and label kept."""
+  """A tfds data_source with only the image (an array, or the encoded bytes
+  when read with ``SkipDecoding``) and the label kept."""
 
   def __init__(self, source):
     self._source = source
@@ -174,59 +190,115 @@ class _TfdsSource:
 
   def __getitem__(self, i):
     ex = self._source[i]
-    return {"image": np.asarray(ex["image"]), "label": np.int32(ex["label"])}
+    image = ex["image"]
+    return {"image": image if isinstance(image, bytes) else np.asarray(image), "label": np.int32(ex["label"])}
+
+
+def _base_name(name: str) -> str:
+  """``imagenet2012`` of ``imagenet2012``, ``imagenet2012:5.1.0`` or ``imagenet2012/config``."""
+  return name.split(":")[0].split("/")[0]
 
 
 def prepare_command(name: str, data_dir: str) -> str:
-  return (
-      f"pip install tensorflow && tfds build {name} --data_dir={data_dir}"
-      " --file_format=array_record"
-  )
+  """The one-time command that prepares tfds data set ``name`` in ``data_dir``
+  in the ArrayRecord format (TensorFlow is needed for this step only). For a
+  data set with manual downloads (``imagenet2012``) the archives must first be
+  put in ``data_dir/downloads/manual`` (see ``_how_to_prepare``)."""
+  cmd = f"pip install tensorflow && tfds build {name} --data_dir={data_dir}"
+  if _base_name(name) in imagenet.MANUAL_DOWNLOADS:
+    cmd += f" --manual_dir={os.path.join(data_dir, 'downloads', 'manual')}"
+  return cmd + " --file_format=array_record"
 
 
-def load_tfds_dataset(name: str, data_dir: str | None, train_split="train", test_split="test") -> Dataset:
-  """A tfds image classification data set, prepared as ArrayRecord in ``data_dir``."""
+def _how_to_prepare(name: str, data_dir: str) -> str:
+  files = imagenet.MANUAL_DOWNLOADS.get(_base_name(name))
+  where = ""
+  if files:
+    where = (f" (first put {' and '.join(files)}, from https://image-net.org/download-images, in"
+             f" {os.path.join(data_dir, 'downloads', 'manual')})")
+  return f"Prepare it once{where} with: {prepare_command(name, data_dir)}"
+
+
+def _convert_command(name: str, data_dir: str) -> str:
+  return (f"pip install tensorflow && tfds convert_format --dataset_dir={os.path.join(data_dir, _base_name(name))}"
+          " --out_file_format=array_record")
+
+
+def load_tfds_dataset(
+    name: str,
+    data_dir: str | None,
+    train_split: str = "train",
+    test_split: str | None = None,
+    image_size: int = 224,
+) -> Dataset:
+  """A tfds image classification data set, prepared as ArrayRecord in ``data_dir``.
+
+  Images of a fixed size are decoded by tfds and batched as they are (CIFAR
+  gets its pad-crop-flip augmentation). Images of varying size (ImageNet) are
+  read as encoded bytes and cropped per example to ``image_size`` x
+  ``image_size`` (``data/imagenet.py``). ``test_split`` defaults to
+  ``validation`` for ``imagenet2012*`` (its ``test`` split has no labels),
+  else to ``test``.
+  """
   import tensorflow_datasets as tfds
 
   if not data_dir:
-    raise DataError(f"dataset 'tfds:{name}' needs config.data_dir, the folder that holds the prepared data.")
-  how = f"Prepare it once with: {prepare_command(name, data_dir)}"
+    raise DataError(
+        f"dataset 'tfds:{name}' needs config.data_dir, the folder that holds the prepared data."
+        f" {_how_to_prepare(name, 'DATA_DIR')}"
+    )
+  how = _how_to_prepare(name, data_dir)
+  try:
+    features = tfds.builder(name, data_dir=data_dir).info.features
+  except Exception as e:  # DatasetNotFoundError and friends
+    raise DataError(f"tfds has no data set {name!r} ({e}).") from e
+  shape = tuple(features["image"].shape)
+  varying = None in shape[:2]
+  decoders = {"image": tfds.decode.SkipDecoding()} if varying else None
+  if test_split is None:
+    test_split = "validation" if _base_name(name).startswith("imagenet2012") else "test"
   try:
     sources = {
-        split: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        split: tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
         for split in (train_split, test_split)
     }
   except Exception as e:
-    if not os.path.isdir(os.path.join(data_dir, name)):
+    if not os.path.isdir(os.path.join(data_dir, _base_name(name))):
       raise DataError(f"No prepared {name!r} in data_dir {data_dir!r}. {how}") from e
     if isinstance(e, NotImplementedError):  # prepared as TFRecord: no random access.
-      raise DataError(f"{name!r} in {data_dir!r} is not in the ArrayRecord format. {how}") from e
+      raise DataError(
+          f"{name!r} in {data_dir!r} is not in the ArrayRecord format. Convert it once in place with:"
+          f" {_convert_command(name, data_dir)} (or rebuild it: {prepare_command(name, data_dir)})"
+      ) from e
     raise DataError(f"Could not read {name!r} from {data_dir!r} ({e}). {how}") from e
-  train = sources[train_split]
-  info = train.dataset_info
-  shape = tuple(info.features["image"].shape)
+  num_classes = features["label"].num_classes
+  train, test = _TfdsSource(sources[train_split]), _TfdsSource(sources[test_split])
+  if varying:
+    channels = shape[-1] or 3
+    stats = (imagenet.MEAN_RGB, imagenet.STD_RGB) if channels == 3 else ((0.5,), (0.25,))
+    return Dataset(
+        name=f"tfds:{name}", train=train, test=test, num_classes=num_classes,
+        image_shape=(image_size, image_size, channels), normalize=_standardizer(*stats),
+        train_map=imagenet.train_map(image_size, channels), eval_map=imagenet.eval_map(image_size, channels),
+    )
   is_cifar = name.startswith("cifar")
   mean, std = (_CIFAR_MEAN, _CIFAR_STD) if is_cifar else ((0.5,) * shape[-1], (0.25,) * shape[-1])
   return Dataset(
-      name=f"tfds:{name}",
-      train=_TfdsSource(train),
-      test=_TfdsSource(sources[test_split]),
-      num_classes=info.features["label"].num_classes,
-      image_shape=shape,
-      normalize=_standardizer(mean, std),
-      augment=augment.pad_crop_flip if is_cifar else None,
+      name=f"tfds:{name}", train=train, test=test, num_classes=num_classes, image_shape=shape,
+      normalize=_standardizer(mean, std), augment=augment.pad_crop_flip if is_cifar else None,
   )
 
 
 def load_dataset(config) -> Dataset:
-  """The data set named by ``config.dataset`` (see the module docstring)."""
+  """The data set named by ``config.dataset`` (see the module docstring);
+  ``config.image_size`` (default 224) sizes the crops of varying-size sets."""
   spec = config.dataset
   if spec == "digits":
     return load_digits_dataset()
   if spec.startswith("npz:"):
     return load_npz_dataset(spec[len("npz:"):])
   if spec.startswith("tfds:"):
-    return load_tfds_dataset(spec[len("tfds:"):], config.get("data_dir"))
+    return load_tfds_dataset(spec[len("tfds:"):], config.get("data_dir"), image_size=config.get("image_size", 224))
   raise DataError(f"Unknown dataset {spec!r}; expected 'digits', 'npz:PATH' or 'tfds:NAME'.")
 
 
@@ -241,36 +313,151 @@ def epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def train_batches(ds: Dataset, batch_size: int, seed: int, epoch: int) -> grain.MapDataset:
-  """The epoch's training batches: a pure function of ``(seed, epoch)``.
+def _rows_per_process(batch_size: int, process_index: int, process_count: int) -> int:
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index {process_index} is not in [0, process_count={process_count}).")
+  if batch_size % process_count:
+    raise DataError(
+        f"batch_size {batch_size} is not divisible by the {process_count} processes; use a multiple of {process_count}."
+    )
+  return batch_size // process_count
 
-  The last incomplete batch is dropped, so every step sees ``batch_size``
-  examples and the step is compiled once.
+
+def train_batches(
+    ds: Dataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+  """This process's training batches of the epoch, from batch ``start`` on.
+
+  ``batch_size`` is the global batch. Global batch ``i`` is a pure function of
+  ``(seed, epoch, i)``: the epoch's shuffle and the random transforms are
+  seeded by ``(seed, epoch)`` and the example's position (per-example
+  ``train_map``) or the batch's index (batch-wise ``augment``). Process
+  ``process_index`` of ``process_count`` gets rows ``[p * b, (p + 1) * b)``,
+  ``b = batch_size / process_count``, of each, so the processes together see
+  exactly the single-process batches. The first ``start`` batches are skipped
+  by index, without reading or transforming them (resuming mid-epoch). The
+  last incomplete global batch is dropped, so every step sees ``batch_size``
+  examples and the step is compiled once. ``len()`` is
+  ``steps_per_epoch - start``.
   """
+  rows = _rows_per_process(batch_size, process_index, process_count)
   if ds.num_train < batch_size:
     raise DataError(f"{ds.name} has {ds.num_train} training examples, fewer than batch_size={batch_size}.")
+  num_batches = steps_per_epoch(ds, batch_size)
+  if not 0 <= start <= num_batches:
+    raise DataError(f"start={start} is outside the {num_batches} batches of an epoch of {ds.name}.")
   s = epoch_seed(seed, epoch)
-  return (
-      grain.MapDataset.source(ds.train)
-      .shuffle(seed=s)
-      .batch(batch_size, drop_remainder=True)
-      .random_map(lambda b, rng: _to_batch(ds, b, rng, train=True), seed=s)
-  )
+  examples = grain.MapDataset.source(ds.train).shuffle(seed=s)
+  if ds.train_map is None:
+    # One generator per global batch: every process makes the whole global
+    # batch and keeps its rows (the in-memory sets augmented batch-wise are small).
+    batches = examples.batch(batch_size, drop_remainder=True).random_map(
+        lambda b, rng: _to_batch(ds, b, rng, train=True), seed=s
+    )
+    if process_count > 1:
+      lo = process_index * rows
+      batches = batches.map(lambda b: {k: v[lo:lo + rows] for k, v in b.items()})
+  else:
+    # One generator per example: a process reads and transforms only its rows,
+    # the sub-batches p, p + P, p + 2P, ... of size b.
+    batches = (
+        examples.random_map(ds.train_map, seed=s)
+        .batch(rows, drop_remainder=True)[process_index::process_count][:num_batches]
+        .map(lambda b: _to_batch(ds, b))
+    )
+  return batches[start:]
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
   return ds.num_train // batch_size
 
 
-def eval_batches(ds: Dataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Test batches padded to ``batch_size``; ``mask`` marks the real examples."""
-  batches = grain.MapDataset.source(ds.test).batch(batch_size, drop_remainder=False)
-  for batch in batches:
-    b = _to_batch(ds, batch)
-    n = len(b["label"])
-    pad = batch_size - n
-    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    if pad:
-      b = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-    b["mask"] = mask
-    yield b
+def _masked_batch(ds: Dataset, batch) -> dict[str, np.ndarray]:
+  """Normalized batch with the padding rows (``mask == 0``) zeroed."""
+  mask = batch["mask"]
+  b = _to_batch(ds, batch)
+  out = {k: np.where(mask.reshape((-1,) + (1,) * (v.ndim - 1)) > 0, v, np.zeros((), v.dtype)) for k, v in b.items()}
+  out["mask"] = mask
+  return out
+
+
+def eval_batches(ds: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Test batches padded to ``batch_size``; ``mask`` marks the real examples
+  (padding rows are zeros). With ``process_count`` processes, process ``p``
+  gets rows ``[p * b, (p + 1) * b)`` of each global batch, as in
+  ``train_batches``."""
+  rows = _rows_per_process(batch_size, process_index, process_count)
+  n = ds.num_test
+  examples = grain.MapDataset.source(ds.test)
+  if ds.eval_map is not None:
+    examples = examples.map(ds.eval_map)
+  num_batches = -(-n // batch_size)
+  # Padding rows repeat a real example (no shape to guess) and are zeroed after.
+  padded = grain.MapDataset.range(num_batches * batch_size).map(
+      lambda g: {**examples[g % n], "mask": np.float32(g < n)}
+  )
+  return padded.batch(rows)[process_index::process_count].map(lambda b: _masked_batch(ds, b))
+
+
+def to_iterator(batches: grain.MapDataset, workers: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
+  """Iterate ``batches`` in order, making up to ``prefetch`` batches ahead in
+  as many threads of this process (``workers=0``), or in ``workers`` processes
+  (grain's ``mp_prefetch``; worker ``k`` makes batches ``k, k + workers, ...``).
+
+  The config knobs are ``data_workers`` and ``prefetch_batches``. Scripts that
+  use workers need an ``if __name__ == "__main__":`` guard (workers are
+  spawned and re-import ``__main__``); ``close()`` the iterator to stop them
+  early.
+  """
+  prefetch = max(int(prefetch), 0)
+  if workers <= 0:
+    return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)))
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (defaults outside absl.app)
+    flags.FLAGS.mark_as_parsed()
+  per_worker = max(1, -(-prefetch // workers))
+  return iter(
+      batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=per_worker)
+      )
+  )
+
+
+def prefetch_to_device(iterator: Iterable[Any], size: int = 2, sharding=None) -> Iterator[Any]:
+  """Yield the batches of ``iterator`` as device arrays, keeping ``size``
+  transfers in flight ahead of the consumer.
+
+  Without ``sharding`` each batch goes to the default device
+  (``jax.device_put``); with a ``jax.sharding.Sharding`` over the batch axis
+  each process's rows become its part of one global array
+  (``jax.make_array_from_process_local_data``).
+  """
+  import jax
+
+  if sharding is None:
+    put = jax.device_put
+  else:
+    def put(batch):
+      return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+  queue = collections.deque()
+  it = iter(iterator)
+
+  def enqueue(k: int):
+    for _ in range(k):
+      batch = next(it, None)
+      if batch is None:
+        return
+      queue.append(put(batch))
+
+  enqueue(max(size, 1))
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
