@@ -133,6 +133,35 @@ def restore_float_weights(workdir: str, template: Any, config) -> tuple[Any, Any
   return state.params, state.batch_stats
 
 
+def _rewind_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "rewind")
+
+
+def save_rewind(workdir: str, state: Any) -> None:
+  """Keep ``{"params", "batch_stats"}`` of ``state`` as the weights later
+  CSQ rounds rewind to (once; a resumed run finds it on disk)."""
+  path = _rewind_dir(workdir)
+  if os.path.exists(path):
+    return
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, {"params": state.params, "batch_stats": state.batch_stats})
+
+
+def load_rewind(workdir: str, state: Any) -> dict[str, Any]:
+  """The saved rewind weights, in the structure of ``state``."""
+  path = _rewind_dir(workdir)
+  template = {"params": state.params, "batch_stats": state.batch_stats}
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path, abstract)
+  except Exception as e:
+    raise CheckpointError(
+        f"The rewind weights of the multi-round recipe in {path} are missing or unreadable"
+        f" ({type(e).__name__}: {e}). Rerun with a new --workdir."
+    ) from e
+
+
 def _with(config, **fields):
   c = config.copy_and_resolve_references()
   c.update(fields)

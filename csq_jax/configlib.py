@@ -24,6 +24,9 @@ def common() -> ml_collections.ConfigDict:
   c.model = "resnet20"  # csq_jax/models: small_cnn, resnet20/32/56, resnet18/34/50, vgg19_bn, ...
   c.dataset = "digits"  # digits | npz:PATH | tfds:NAME (then set data_dir)
   c.data_dir = ""  # tfds data_dir holding the prepared data set (ArrayRecord, see README)
+  c.image_size = 224  # crop side of data sets whose images vary in size (ImageNet)
+  c.data_workers = 0  # grain worker processes decoding batches (0: threads in this process)
+  c.prefetch_batches = 2  # batches prepared ahead of the step (host and device)
   c.method = "csq"  # csq | csq_uniform | ste | fp | bsq | msq (README: methods)
   c.seed = 0
   # Where the float weights start: "" (random init), the workdir of a finished
@@ -43,6 +46,13 @@ def common() -> ml_collections.ConfigDict:
   c.logit_init = 1.0  # magnitude of the initial bit logits (the authors' code: bits 0/1)
   c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary
   c.mask_momentum = 0.9  # SGD momentum of the mask logits (the paper: plain SGD, 0.9)
+  # The authors' multi-round recipe (CSQ only): the search split into csq_rounds
+  # rounds; each later round keeps the masks (logits clipped to +-csq_mask_clamp),
+  # rewinds every other weight to its value after csq_rewind_epoch epochs, and
+  # restarts beta. 1 = the paper's single search.
+  c.csq_rounds = 1
+  c.csq_rewind_epoch = 0
+  c.csq_mask_clamp = 1.0
   # Path rules (regex on the /-joined param path, first full match wins):
   # (pattern, "quantize" | "float" | "fixed"[, bits]). Unmatched params stay float.
   c.rules = (
@@ -67,6 +77,7 @@ def common() -> ml_collections.ConfigDict:
   c.act_quantizer = "pact"  # pact | relu6 | maxabs
 
   # Optimization (Sec. IV-A): SGD momentum 0.9, cosine learning rate.
+  c.optimizer = "sgd"  # sgd | adamw (then momentum is Adam's b1); the mask logits always use SGD
   c.num_epochs = 600
   c.batch_size = 128
   c.eval_batch_size = 1000
@@ -135,4 +146,37 @@ def apply_args(c: ml_collections.ConfigDict, args: set[str], recipes=None) -> ml
     c.eval_every = 1
     c.bsq_requant_every = 1
     c.msq_prune_every = 1
+  return c
+
+
+def imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """ImageNet-1k defaults (CSQ Sec. IV-A): tfds ``imagenet2012`` (ArrayRecord
+  in ``data_dir``), 224 crops, batch 256, 5 warm-up epochs, weight decay
+  1e-4, 200 CSQ epochs + 100 finetune epochs with beta rewound (Alg. 1)."""
+  c.dataset = "tfds:imagenet2012"
+  c.image_size = 224
+  c.data_workers = 8  # JPEG decoding is the input bottleneck: use the host's cores
+  c.batch_size = 256  # global, over all devices and hosts
+  c.eval_batch_size = 500
+  c.learning_rate = 0.1  # for batch 256; scale linearly with the batch
+  c.warmup_epochs = 5
+  c.weight_decay = 1e-4
+  c.num_epochs = 200
+  c.finetune_epochs = 100
+  c.finetune_learning_rate = 0.01
+  c.eval_every = 5
+  c.bn_recalibration_epochs = 0  # a full pass over ImageNet; the finetune phase already settles BN
+  c.checkpoint_every_steps = 2000  # ~2/5 of an epoch at batch 256
+  c.compute_dtype = "float32"  # bfloat16 on TPUs and Ampere+ GPUs (quantizer params stay float32)
+  return c
+
+
+def runlocal_imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``runlocal`` for ImageNet configs: small crops and batches (with the
+  2 epochs of ``apply_args``) for a smoke test of the pipeline."""
+  c.image_size = 64
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.data_workers = 0
+  c.checkpoint_every_steps = 0
   return c

@@ -47,6 +47,7 @@ from absl import logging
 from csq_jax import budget, hessian, quantizers, transform
 from csq_jax.quantizers import bsq, msq
 from csq_jax.quantizers.bsq import BSQWeight
+from csq_jax.quantizers.csq import CSQWeight
 from csq_jax.quantizers.msq import MSQWeight
 
 # Method name -> one-line description (README's methods table has the details).
@@ -171,6 +172,19 @@ class CSQ(Method):
 
   def start_finetune(self, params):
     return transform.set_mask_mode(params, "frozen")
+
+  def start_round(self, params, rewind_params, mask_clamp: float):
+    """The authors' multi-round recipe: keep the bit selection found so far,
+    its mask logits clipped to ``[-mask_clamp, mask_clamp]`` so that they can
+    move again under the restarted temperature, and rewind everything else
+    (bit planes, scales, float layers) to ``rewind_params``."""
+
+    def merge(now, early):
+      if isinstance(now, CSQWeight):
+        return early.replace(mask_logits=jnp.clip(now.mask_logits, -mask_clamp, mask_clamp))
+      return early
+
+    return jax.tree_util.tree_map(merge, params, rewind_params, is_leaf=transform.is_leaf)
 
 
 def _map_type(fn, leaf_type, params):

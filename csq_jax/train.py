@@ -94,6 +94,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("batch_size and learning_rate must be positive.")
   if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
     raise ConfigError(f"Unknown compute_dtype {config.compute_dtype!r}; expected one of {sorted(COMPUTE_DTYPES)}.")
+  if config.get("optimizer", "sgd") not in OPTIMIZERS:
+    raise ConfigError(f"Unknown optimizer {config.optimizer!r}; expected one of {OPTIMIZERS}.")
+  rounds = config.get("csq_rounds", 1)
+  if rounds != 1 and (config.method != "csq" or not 1 <= rounds <= config.num_epochs):
+    raise ConfigError(f"csq_rounds={rounds}: the multi-round recipe is CSQ's (method csq) and needs at most"
+                      f" num_epochs={config.num_epochs} rounds; use csq_rounds=1 otherwise.")
+  if rounds != 1 and not 0 <= config.csq_rewind_epoch < config.num_epochs // rounds:
+    raise ConfigError(f"csq_rewind_epoch={config.csq_rewind_epoch} must fall in the first round"
+                      f" (0..{config.num_epochs // rounds - 1}).")
   if config.lr_decay not in LR_DECAYS:
     raise ConfigError(f"Unknown lr_decay {config.lr_decay!r}; expected one of {LR_DECAYS}.")
   if config.method == "msq" and not 0.0 <= config.msq_threshold <= 1.0:
@@ -132,8 +141,12 @@ def param_labels(params: Any) -> Any:
   return jax.tree_util.tree_map(leaf_labels, params, is_leaf=transform.is_leaf)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with coupled weight decay (PyTorch's SGD ``weight_decay``).
+  """SGD with coupled weight decay (PyTorch's SGD ``weight_decay``), or AdamW
+  (``optimizer="adamw"``, decoupled decay; the transformers' recipe).
 
   The bit-mask logits get their own momentum (``mask_momentum``) and no weight
   decay unless ``decay_mask_logits``: the budget term acts on them like a
@@ -145,9 +158,14 @@ def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransfo
     parts = [optax.add_decayed_weights(config.weight_decay)] if decay and config.weight_decay else []
     return optax.chain(*parts, optax.sgd(lr_schedule, momentum=momentum or None))
 
+  def weights_tx():
+    if config.get("optimizer", "sgd") == "adamw":
+      return optax.adamw(lr_schedule, b1=config.momentum, weight_decay=config.weight_decay)
+    return sgd(config.momentum, True)
+
   return optax.multi_transform(
       {
-          "weights": sgd(config.momentum, True),
+          "weights": weights_tx(),
           "mask": sgd(config.mask_momentum, config.decay_mask_logits),
       },
       param_labels,
@@ -182,12 +200,17 @@ class Phase:
 
 
 def make_phases(config, steps_per_epoch: int) -> list[Phase]:
-  phases = []
-  spec = [(config.method, config.num_epochs, config.learning_rate, config.warmup_epochs,
-           config.beta0, config.beta_max, config.method in SEARCH_METHODS, config.lr_step_epochs)]
+  """Alg. 1's phases: the search (``csq_rounds`` rounds of it, each with beta
+  restarted, for the authors' multi-round recipe), then the finetune."""
+  rounds = int(config.get("csq_rounds", 1))
+  spec = [(config.method if rounds == 1 else f"{config.method}_round{r + 1}",
+           config.num_epochs // rounds + (r < config.num_epochs % rounds), config.learning_rate,
+           config.warmup_epochs if r == 0 else 0, config.beta0, config.beta_max,
+           config.method in SEARCH_METHODS, config.lr_step_epochs) for r in range(rounds)]
   if config.finetune_epochs > 0:
     spec.append(("finetune", config.finetune_epochs, config.finetune_learning_rate, 0,
                  config.finetune_beta0, config.finetune_beta_max, False, config.finetune_lr_step_epochs))
+  phases = []
   for name, epochs, lr, warmup, beta0, beta_max, penalty, step_epochs in spec:
     total = epochs * steps_per_epoch
     lr_fn = lr_schedule(lr, epochs, steps_per_epoch, warmup, config.lr_decay, step_epochs, config.lr_step_factor)
@@ -225,6 +248,15 @@ def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
       opt_state=phase.tx.init(qparams),
   )
   return state, report_
+
+
+def start_round(state: TrainState, phase: Phase, method: methods.Method, rewind: dict, config) -> TrainState:
+  """A later search round of the multi-round recipe: the masks found so far
+  (clipped to ``csq_mask_clamp``) on the weights rewound to ``rewind``
+  (``{"params", "batch_stats"}`` saved after epoch ``csq_rewind_epoch``),
+  fresh optimizer, beta restarted (step 0)."""
+  params = method.start_round(state.params, rewind["params"], float(config.csq_mask_clamp))
+  return TrainState(jnp.zeros((), jnp.int32), params, rewind["batch_stats"], phase.tx.init(params))
 
 
 def start_finetune(state: TrainState, phase: Phase, method: methods.Method) -> TrainState:
@@ -371,10 +403,10 @@ def restore_state(mngr, step: int, init: TrainState, phases: list[Phase], method
   planes, MSQ bits), then filled from the checkpoint."""
 
   def template(meta):
-    in_finetune = meta["phase_index"] > 0
-    t = start_finetune(init, phases[1], method) if in_finetune else init
+    phase = phases[meta["phase_index"]]
+    t = start_finetune(init, phase, method) if phase.name == "finetune" else init
     params = method.restructure(t.params, meta.get("structure", {}))
-    return t.replace(params=params, opt_state=phases[int(in_finetune)].tx.init(params))
+    return t.replace(params=params, opt_state=phase.tx.init(params))
 
   state, _ = checkpoint.restore(mngr, step, template, config)
   return state
@@ -477,6 +509,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_soft = make_eval_step(model, hard=False)
   steps = [make_train_step(model, p, method) for p in phases]
   check_every = max(int(config.get("check_finite_every_steps", 100)), 1)
+  rounds = int(config.get("csq_rounds", 1))
   save_every = int(config.get("checkpoint_every_steps", 0))
   epoch_times = []
   with PreemptionGuard() as guard:
@@ -485,11 +518,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       phase = phases[pi]
       start = resume_batch if epoch == first_epoch else 0
       if pi > 0 and pe == 0 and start == 0:
-        state = start_finetune(state, phase, method)
+        if phase.name == "finetune":
+          state = start_finetune(state, phase, method)
+        else:
+          state = start_round(state, phase, method, checkpoint.load_rewind(workdir, state), config)
+      if rounds > 1 and epoch == config.csq_rewind_epoch and start == 0:  # the early weights later rounds rewind to
+        checkpoint.save_rewind(workdir, state)
       t0 = time.perf_counter()
       per_step, checked = [], 0
       first_step = epoch * spe + start + 1  # global step number of this process's first step here
-      batches = data.train_batches(ds, config.batch_size, config.seed, epoch)[start:]
+      batches = data.train_batches(ds, config.batch_size, config.seed, epoch, start=start)
       with _progress(spe, f"{phase.name} epoch {epoch + 1}/{total_epochs}", config.progress) as bar:
         bar.update(start)
         for batch in batches:
@@ -514,7 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       epoch_time = time.perf_counter() - t0
       epoch_times.append(epoch_time)
       metrics = {f"train_{k}": v for k, v in train.items()}
-      if pi == 0 and phase.penalty:  # the method's between-epoch change (BSQ re-quantization, MSQ pruning)
+      if phase.penalty:  # the method's between-epoch change (BSQ re-quantization, MSQ pruning)
         ctx = methods.AdjustContext(
             epoch=pe + 1, epochs=phase.epochs, model=model, batch_stats=state.batch_stats,
             batches=lambda: data.train_batches(ds, config.batch_size, config.seed + 2, epoch),

@@ -1,0 +1,35 @@
+"""MSQ on ImageNet with DeiT-S (ViT-S/16; MSQ paper: 9.58x at 80.64%, i.e.
+~3.34 average bits).
+
+Starts from a float DeiT-S (``--config.init_from=...``). AdamW (b1 0.9),
+lr 5e-4 x batch/512 with cosine decay and 5 warm-up epochs, weight decay
+0.05, 100 epochs + 10 finetune epochs, the transformers' recipe; the patch
+embedding and the classifier stay at 8 bits, attention softmax and
+LayerNorm in float (models.DEFAULT_RULES). Rows: ``:t3.34``; any method by
+argument; ``runlocal`` for a smoke test; ``--config.compute_dtype=bfloat16``
+on TPUs and Ampere+ GPUs.
+"""
+
+from csq_jax import configlib, models
+
+
+def get_config(arg: str = ""):
+  c = configlib.imagenet(configlib.common())
+  c.model = "deit_s"  # ViT-S/16, 22.05M params
+  c.method = "msq"
+  c.rules = models.DEFAULT_RULES["deit_s"]
+  c.target_bits = 3.34
+  c.optimizer = "adamw"
+  c.momentum = 0.9  # Adam's b1
+  c.batch_size = 512
+  c.learning_rate = 5e-4
+  c.finetune_learning_rate = 5e-5
+  c.weight_decay = 0.05
+  c.num_epochs = 100
+  c.finetune_epochs = 10
+  c.msq_prune_every = 5
+  c.fp_accuracy = 0.798  # DeiT-S (Touvron et al. 2021)
+  args = configlib.parse_args(arg)
+  if "runlocal" in args:
+    configlib.runlocal_imagenet(c)
+  return configlib.apply_args(c, args)

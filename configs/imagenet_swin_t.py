@@ -1,0 +1,36 @@
+"""MSQ on ImageNet with Swin-T (MSQ paper: 9.14x at 81.38%, i.e. ~3.5
+average bits).
+
+Starts from a float Swin-T (``--config.init_from=...``). AdamW (b1 0.9), lr
+5e-4 x batch/512, cosine with 5 warm-up epochs, weight decay 0.05, 100 + 10
+finetune epochs; the patch embedding and the classifier at 8 bits, the
+relative position bias, softmax and LayerNorm in float
+(models.DEFAULT_RULES). Rows: ``:t3.5``; any method by argument;
+``runlocal`` for a smoke test (it needs an image size divisible by 32 x 7:
+``runlocal`` uses 224 with batch 2); ``--config.compute_dtype=bfloat16`` on
+TPUs and Ampere+ GPUs.
+"""
+
+from csq_jax import configlib, models
+
+
+def get_config(arg: str = ""):
+  c = configlib.imagenet(configlib.common())
+  c.model = "swin_t"  # Swin-T, 28.29M params
+  c.method = "msq"
+  c.rules = models.DEFAULT_RULES["swin_t"]
+  c.target_bits = 3.5
+  c.optimizer = "adamw"
+  c.momentum = 0.9  # Adam's b1
+  c.batch_size = 512
+  c.learning_rate = 5e-4
+  c.finetune_learning_rate = 5e-5
+  c.weight_decay = 0.05
+  c.num_epochs = 100
+  c.finetune_epochs = 10
+  c.msq_prune_every = 5
+  c.fp_accuracy = 0.812  # Swin-T (Liu et al. 2021)
+  args = configlib.parse_args(arg)
+  if "runlocal" in args:
+    configlib.runlocal_imagenet(c)
+  return configlib.apply_args(c, args)
