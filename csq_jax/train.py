@@ -37,7 +37,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from csq_jax import budget, checkpoint, data, gates, methods, metric_writers, models, report, transform
+from csq_jax import budget, checkpoint, data, gates, methods, metric_writers, models, pretrained, report, transform
 from csq_jax.quantizers import activations
 from csq_jax.quantizers.csq import CSQWeight
 
@@ -237,7 +237,7 @@ def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   if config.get("init_from"):
     float_state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, phase.tx.init(params))
-    params, batch_stats = checkpoint.restore_float_weights(config.init_from, float_state, config)
+    params, batch_stats = pretrained.restore_init(config, float_state)
   qparams, report_ = transform.quantize_params(
       params, transform.rules_from_config(config.rules), quantize_spec(config), q_key
   )
