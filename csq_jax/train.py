@@ -37,7 +37,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from csq_jax import budget, checkpoint, data, gates, methods, metric_writers, models, pretrained, report, transform
+from csq_jax import budget, checkpoint, data, export, gates, methods, metric_writers, models, pretrained, report, transform
 from csq_jax.quantizers import activations
 from csq_jax.quantizers.csq import CSQWeight
 
@@ -589,6 +589,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Median epoch time of this process (the first epoch includes compilation).
   summary["epoch_time_s"] = statistics.median(epoch_times[1:] or epoch_times) if epoch_times else None
   summary.update(_peak_memory())
+  # The exact integer model (every process gathers, process 0 writes).
+  summary.update(export.export_model(os.path.join(workdir, export.FILENAME), state.params, state.batch_stats,
+                                     export.run_meta(config, ds.num_classes, ds.image_shape, accuracy)))
   report.write_outputs(workdir, summary)
   mngr.close()
   return summary
