@@ -14,6 +14,7 @@ def get_config():
   c = configlib.common()
   c.model = "small_cnn"  # 8 quantized layers, 56k weights, balanced so one bit moves the average little
   c.dataset = "digits"  # shipped with scikit-learn: no download
+  c.rules = ((".*kernel", "quantize"),)  # every conv and dense kernel, the first and the last included
   c.target_bits = 3.0
   # Deviations from the paper's lambda 0.01 and momentum 0.9, for this short
   # run: the budget term flips sign with Delta_S (a bang-bang controller);
