@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from csq_jax.models.resnet_cifar import CifarResNet
 from csq_jax.models.resnet_imagenet import ImageNetResNet
 from csq_jax.models.small_cnn import SmallCNN
+from csq_jax.models import mobilenet_v3, swin, vgg, vit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
@@ -20,6 +21,24 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": lambda **kw: ImageNetResNet(stage_sizes=(2, 2, 2, 2), block="basic", **kw),
     "resnet34": lambda **kw: ImageNetResNet(stage_sizes=(3, 4, 6, 3), block="basic", **kw),
     "resnet50": lambda **kw: ImageNetResNet(stage_sizes=(3, 4, 6, 3), block="bottleneck", **kw),
+    "vgg19_bn": vgg.VGG,
+    "mobilenet_v3_large": mobilenet_v3.MobileNetV3,
+    "deit_s": vit.VisionTransformer,
+    "swin_t": swin.SwinTransformer,
+}
+
+# Transform rules (configs' ``rules`` format) per model: which kernels are
+# quantized, fixed or float. The ResNets use those of configs/default.py
+# (downsample shortcuts float, every other kernel searched); the small CNN has
+# no shortcut, so only the second rule.
+_RESNET_RULES = ((".*shortcut_conv/kernel", "float"), (".*kernel", "quantize"))
+DEFAULT_RULES: dict[str, tuple] = {
+    "small_cnn": _RESNET_RULES[1:],
+    **{name: _RESNET_RULES for name in ("resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet50")},
+    "vgg19_bn": vgg.QUANT_RULES,
+    "mobilenet_v3_large": mobilenet_v3.QUANT_RULES,
+    "deit_s": vit.QUANT_RULES,
+    "swin_t": swin.QUANT_RULES,
 }
 
 
