@@ -32,4 +32,5 @@ def get_config(arg: str = ""):
   args = configlib.parse_args(arg)
   if "runlocal" in args:
     configlib.runlocal_imagenet(c)
+    c.image_size = 32  # 2x2 patches of 16
   return configlib.apply_args(c, args)

@@ -6,9 +6,9 @@ Starts from a float Swin-T (``--config.init_from=...``). AdamW (b1 0.9), lr
 finetune epochs; the patch embedding and the classifier at 8 bits, the
 relative position bias, softmax and LayerNorm in float
 (models.DEFAULT_RULES). Rows: ``:t3.5``; any method by argument;
-``runlocal`` for a smoke test (it needs an image size divisible by 32 x 7:
-``runlocal`` uses 224 with batch 2); ``--config.compute_dtype=bfloat16`` on
-TPUs and Ampere+ GPUs.
+``runlocal`` for a smoke test (64-pixel crops, so windows of 4 instead of 7:
+every stage's side must be a multiple of the window); ``--config.compute_dtype=bfloat16``
+on TPUs and Ampere+ GPUs.
 """
 
 from csq_jax import configlib, models
@@ -33,4 +33,5 @@ def get_config(arg: str = ""):
   args = configlib.parse_args(arg)
   if "runlocal" in args:
     configlib.runlocal_imagenet(c)
+    c.model_kwargs = {"window_size": 4}
   return configlib.apply_args(c, args)

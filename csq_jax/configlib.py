@@ -33,6 +33,7 @@ def common() -> ml_collections.ConfigDict:
   # --config.method=fp run, or a pretrained file (.safetensors/.pth, torchvision names).
   c.init_from = ""
   c.init_from_keep = ()  # regexes of params kept at their init on import (e.g. ("head/.*",) for other classes)
+  c.model_kwargs = {}  # further model fields, e.g. {"window_size": 4} for Swin at small sizes
   c.compute_dtype = "float32"  # float32 | bfloat16: activations and matmuls (quantizer params stay float32)
 
   # Quantization (Sec. III). n_bits bit planes per layer; the budget is the

@@ -66,7 +66,7 @@ def evaluate_export(config, path: str) -> dict[str, Any]:
   ds = data.load_dataset(config)
   _check_identity(manifest, config, ds.num_classes, path)
   params, batch_stats, manifest = export.load_export(path)
-  model = train.create_model(config, ds.num_classes)
+  model = train.create_model(config, ds.num_classes, ds.image_shape)
   init = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + tuple(ds.image_shape)), train=False))
   _check_structure(params, init["params"], "params", path)
   _check_structure(batch_stats, init.get("batch_stats", {}), "batch_stats", path)

@@ -222,11 +222,15 @@ def make_phases(config, steps_per_epoch: int) -> list[Phase]:
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def create_model(config, num_classes: int):
+def create_model(config, num_classes: int, image_shape=None):
   """The config's model; ``compute_dtype`` sets its activations' dtype, while
-  its parameters (and so every quantizer parameter) stay float32."""
+  its parameters (and so every quantizer parameter) stay float32;
+  ``model_kwargs`` are further fields (e.g. Swin's ``window_size``)."""
   act = activations.activation_factory(config.act_quantizer, config.act_bits)
-  return models.create_model(config.model, num_classes, act, COMPUTE_DTYPES[config.get("compute_dtype", "float32")])
+  dtype = COMPUTE_DTYPES[config.get("compute_dtype", "float32")]
+  kwargs = dict(config.get("model_kwargs", {}))
+  return models.create_model(config.model, num_classes, act, dtype,
+                             image_size=image_shape[0] if image_shape else None, **kwargs)
 
 
 def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
@@ -487,7 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   method = methods.get(config)
   phases = make_phases(config, spe)
   total_epochs = sum(p.epochs for p in phases)
-  model = create_model(config, ds.num_classes)
+  model = create_model(config, ds.num_classes, ds.image_shape)
   state, rules_report = init_state(config, model, ds.image_shape, phases[0], jax.random.key(config.seed))
   identity = checkpoint.run_identity(config)
 

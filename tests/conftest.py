@@ -43,7 +43,7 @@ def restore_final_state(config, workdir):
   ds = data.load_dataset(config)
   spe = data.steps_per_epoch(ds, config.batch_size)
   phases = train.make_phases(config, spe)
-  model = train.create_model(config, ds.num_classes)
+  model = train.create_model(config, ds.num_classes, ds.image_shape)
   state, _ = train.init_state(config, model, ds.image_shape, phases[0], jax.random.key(0))
   total = (config.num_epochs + config.finetune_epochs) * spe
   return train.restore_state(checkpoint.manager(str(workdir)), total, state, phases, methods.get(config), config)

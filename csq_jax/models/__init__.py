@@ -8,10 +8,10 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from csq_jax.models import mobilenet_v3, swin, vgg, vit
 from csq_jax.models.resnet_cifar import CifarResNet
 from csq_jax.models.resnet_imagenet import ImageNetResNet
 from csq_jax.models.small_cnn import SmallCNN
-from csq_jax.models import mobilenet_v3, swin, vgg, vit
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
@@ -42,11 +42,20 @@ DEFAULT_RULES: dict[str, tuple] = {
 }
 
 
-def create_model(name: str, num_classes: int, act=None, dtype=jnp.float32) -> nn.Module:
-  """Build a model by name; ``act`` is the activation module factory."""
+# Models whose parameters depend on the input side (position embeddings, windows).
+SIZED_MODELS = ("deit_s", "swin_t")
+
+
+def create_model(name: str, num_classes: int, act=None, dtype=jnp.float32, image_size: int | None = None,
+                 **model_kwargs) -> nn.Module:
+  """Build a model by name; ``act`` is the activation module factory,
+  ``image_size`` the input side of the transformers (``img_size``), and
+  ``model_kwargs`` any other field of the model (e.g. Swin's ``window_size``)."""
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; expected one of {sorted(MODELS)}.")
-  kwargs = dict(num_classes=num_classes, dtype=dtype)
+  kwargs = dict(num_classes=num_classes, dtype=dtype, **model_kwargs)
   if act is not None:
     kwargs["act"] = act
+  if image_size is not None and name in SIZED_MODELS:
+    kwargs["img_size"] = image_size
   return MODELS[name](**kwargs)
