@@ -97,7 +97,7 @@ def write_outputs(workdir: str, summary: dict[str, Any]) -> None:
   atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
   figures.plot_layer_bits(summary, os.path.join(workdir, "layer_bits.png"))
   figures.plot_avg_bits(metric_writers.read_metrics(os.path.join(workdir, "metrics.jsonl")), summary,
-                os.path.join(workdir, "avg_bits.png"))
+                        os.path.join(workdir, "avg_bits.png"))
 
 
 # ----------------------------------------------------------------------------
