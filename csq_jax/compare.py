@@ -76,6 +76,7 @@ def plot(table: Sequence[dict[str, Any]], path: str) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  sweep.exit_on_sigterm()
   common = sweep.split_overrides(argv)
   workdir = sweep.WORKDIR.value
   os.makedirs(workdir, exist_ok=True)

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -164,6 +165,8 @@ def execute(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str
       echo(f"{prefix} {msg}")
       sys.stdout.flush()
 
+  stop = threading.Event()  # set on an interrupt: start nothing more
+  procs = set()  # the runs' processes now running
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   if parallel > 1:  # several processes on one accelerator: no process may grab most of its memory
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -173,6 +176,9 @@ def execute(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str
     path = os.path.join(wd, "summary.json")
     out = Outcome(run, wd)
     if not os.path.exists(path):
+      if stop.is_set():
+        out.error = "not started: the sweep was interrupted"
+        return out
       os.makedirs(wd, exist_ok=True)
       log = os.path.join(wd, "train.log")
       cmd = command(config, wd, run, common)
@@ -181,7 +187,10 @@ def execute(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str
       with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd[1:])}\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        procs.add(proc)
+        rc = proc.wait()
+        procs.discard(proc)
       if rc != 0 or not os.path.exists(path):
         out.error = f"exit code {rc}; log: {log}"
         say(f"{run.name}: FAILED ({out.error}); its last lines:\n{_tail(log)}")
@@ -195,8 +204,16 @@ def execute(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str
       out.summary = json.load(f)
     return out
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+  try:
     return list(pool.map(one, runs))
+  except BaseException:  # Ctrl-C: stop the runs (they resume from their checkpoints next time)
+    stop.set()
+    for proc in list(procs):
+      proc.terminate()
+    raise
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def finish(workdir: str, outcomes: Sequence[Outcome]) -> None:
@@ -225,7 +242,13 @@ def split_overrides(argv: Sequence[str]) -> list[str]:
   return overrides
 
 
+def exit_on_sigterm() -> None:
+  """A ``kill`` of the sweep ends its runs too (through ``execute``'s cleanup)."""
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"csq_jax: terminated by signal {signum}."))
+
+
 def main(argv: Sequence[str]) -> None:
+  exit_on_sigterm()
   common = split_overrides(argv)
   axes = [parse_axis(s) for s in SWEEP.value]
   check_fields(load_config(CONFIG.value), [f for f, _ in axes])
