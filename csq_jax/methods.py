@@ -349,8 +349,10 @@ class MSQ(Method):
     params = _map_with_path(params, MSQWeight, None, update)
     if pruned:
       logging.info("MSQ pruned %s (avg bits now %.3f).", pruned, avg)
-    return params, {"pruned_bits": sum(pruned.values()), "lsb_sparsity_min":
-                    min(sparsity.values()) if sparsity else 1.0}
+    info = {"pruned_bits": sum(pruned.values()), "lsb_sparsity_min": min(sparsity.values()) if sparsity else 1.0}
+    if omegas:  # {path: Omega_l}, into metrics.jsonl as adjust_sensitivity (the report plots it)
+      info["sensitivity"] = omegas
+    return params, info
 
   def structure(self, params):
     return {k: [v.bits, v.lsb_k] for k, v in transform.quantized_leaves(params).items()

@@ -1,22 +1,42 @@
-"""Run outputs: ``summary.json`` and the figures of a run.
+r"""Run outputs and the report of a set of runs.
 
-* ``layer_bits.png``: final precision of every counted layer (the paper's Fig. 4);
-* ``avg_bits.png``: average precision over training against the target
-  (Figs. 2-3), with the hard-quantized test accuracy on a second axis.
+Of one run, written at the end of training (``write_outputs``):
+``summary.json`` (``make_summary``: method, budget, compression, accuracy of
+the exactly quantized model, per-layer bits, the config), ``layer_bits.png``
+(Fig. 4) and ``avg_bits.png`` (Figs. 2-3).
 
-Files are written to a temporary name and renamed, so a workdir never holds a
-half-written summary.
+Of several runs::
+
+  python -m csq_jax.report RUN_DIR... [--out=DIR]
+
+RUN_DIRs are finished runs or directories above them (a sweep's workdir):
+every ``summary.json`` below them is a run. ``DIR`` (default: the directory
+common to the RUN_DIRs) receives ``report.md`` (a table as in the CSQ paper's
+Tables III-V: method, target, W-bits, A-bits, compression, accuracy, the config
+fields that differ between runs and the Pareto front; and Table V's layout per
+method), ``report.csv`` and the figures of ``csq_jax.figures``:
+``precision_per_layer.png`` (Fig. 4), ``precision_during_training.png``
+(Figs. 2-3), ``accuracy_vs_compression.png`` and, with MSQ runs,
+``sensitivity.png`` (Omega_l per layer).
+
+Files are written to a temporary name and renamed, so a directory never holds
+a half-written summary or report.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import io
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
-from csq_jax import budget, metric_writers, quantizers, transform
+from csq_jax import budget, figures, metric_writers, methods, quantizers, transform
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -36,6 +56,7 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
   act_bits = int(config.act_bits)
   fp = config.get("fp_accuracy", -1.0)
   return {
+      "config": json.loads(config.to_json_best_effort()),
       "method": config.method,
       "model": config.model,
       "dataset": config.dataset,
@@ -74,61 +95,310 @@ def exactly_quantized(params) -> bool:
 
 def write_outputs(workdir: str, summary: dict[str, Any]) -> None:
   atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-  plot_layer_bits(summary, os.path.join(workdir, "layer_bits.png"))
-  plot_avg_bits(metric_writers.read_metrics(os.path.join(workdir, "metrics.jsonl")), summary,
-                os.path.join(workdir, "avg_bits.png"))
+  figures.plot_layer_bits(summary, os.path.join(workdir, "layer_bits.png"))
+  figures.plot_avg_bits(metric_writers.read_metrics(os.path.join(workdir, "metrics.jsonl")), summary,
+                        os.path.join(workdir, "avg_bits.png"))
 
 
-def _pyplot():
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  return plt
+# ----------------------------------------------------------------------------
+# The report of several runs
 
 
-def _save(fig, path: str) -> None:
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120, bbox_inches="tight")
-  os.replace(tmp, path)
+class ReportError(ValueError):
+  """Nothing to report from the given paths; the message says what to give."""
 
 
-def plot_layer_bits(summary: dict[str, Any], path: str) -> None:
-  """Per-layer precision bars (Fig. 4)."""
-  plt = _pyplot()
-  layers = summary["layers"]
-  names = [l["name"].removesuffix("/kernel") for l in layers]
-  fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4))
-  ax.bar(range(len(names)), [l["bits"] for l in layers], color="tab:blue")
-  ax.axhline(summary["avg_bits"], color="tab:red", ls="--", label=f"average {summary['avg_bits']:.2f} bits")
-  ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=8)
-  ax.set_ylabel("weight precision (bits)")
-  ax.set_xlabel("layer")
-  ax.set_title(f"{summary['method'].upper()} {summary['model']} on {summary['dataset']}: "
-               f"target {summary['target_bits']:g} bits, acc {100 * summary['test_accuracy']:.2f}%")
-  ax.legend()
-  _save(fig, path)
-  plt.close(fig)
+METHOD_ORDER = tuple(methods.METHODS)  # fp, ste, csq_uniform, csq, bsq, msq
+# Config fields that never change a result: not columns of the table.
+BOOKKEEPING_FIELDS = ("progress", "tensorboard", "keep_checkpoints", "eval_every", "eval_soft", "fp_accuracy",
+                      "data_dir")
+# Knobs of one method (field names or prefixes ending in "_"): other methods ignore them.
+METHOD_FIELDS = {"csq": ("reg_strength", "mask_momentum", "decay_mask_logits"), "bsq": ("bsq_",), "msq": ("msq_",)}
+FP_IGNORES = ("target_bits", "n_bits", "budget_weighting", "budget_tolerance")
 
 
-def plot_avg_bits(records: list[dict[str, Any]], summary: dict[str, Any], path: str) -> None:
-  """Average precision over training vs the target (Figs. 2-3)."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4))
-  epochs = [r["epoch"] for r in records]
-  ax.plot(epochs, [r["avg_bits"] for r in records], color="tab:blue", label="average precision")
-  ax.axhline(summary["target_bits"], color="tab:red", ls="--", label=f"target {summary['target_bits']:g}")
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("average weight precision (bits)")
-  ax.set_title(f"{summary['method'].upper()} {summary['model']}: precision during training")
-  handles = ax.get_lines()
-  acc = [(r["epoch"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
-  if acc:
-    ax2 = ax.twinx()
-    handles += ax2.plot(*zip(*[(e, 100 * a) for e, a in acc]), color="tab:green", alpha=0.6,
-                        label="test accuracy, hard-quantized")
-    ax2.set_ylabel("test accuracy, hard-quantized (%)")
-  ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
-  _save(fig, path)
-  plt.close(fig)
+def method_ignores(method: str, field: str) -> bool:
+  """Whether a run of ``method`` ignores the config field ``field``: another
+  method's knob (``reg_strength`` for all but CSQ, ``bsq_*`` for all but
+  BSQ, ...) or, for FP, the budget (``target_bits``, ``n_bits``)."""
+  for owner, names in METHOD_FIELDS.items():
+    if owner != method and any(field == n or (n.endswith("_") and field.startswith(n)) for n in names):
+      return True
+  return method == "fp" and field in FP_IGNORES
+
+
+def find_runs(paths: Sequence[str]) -> list[str]:
+  """Directories holding a ``summary.json`` at or below ``paths``, in order
+  given and then sorted, each once."""
+  found = []
+  for path in paths:
+    if not os.path.isdir(path):
+      raise ReportError(f"{path} is not a directory: give run directories or a sweep's workdir.")
+    for root, dirs, files in os.walk(path):
+      dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tensorboard"))
+      if "summary.json" in files:
+        found.append(os.path.normpath(root))
+  found = list(dict.fromkeys(found))
+  if not found:
+    raise ReportError(f"No summary.json at or below {', '.join(paths)}: give finished runs (training writes"
+                      " summary.json at its end) or a directory above them.")
+  return found
+
+
+def load_run(run_dir: str) -> dict[str, Any]:
+  """``{"dir", "summary", "records", "sensitivity", "sensitivity_epoch"}`` of
+  a finished run; the sensitivities are MSQ's last ``adjust_sensitivity``."""
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    summary = json.load(f)
+  records = metric_writers.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+  measured = [r for r in records if r.get("adjust_sensitivity")]
+  return {"dir": run_dir, "summary": summary, "records": records,
+          "sensitivity": measured[-1]["adjust_sensitivity"] if measured else None,
+          "sensitivity_epoch": measured[-1]["epoch"] if measured else None}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = json.dumps(v) if isinstance(v, list) else v
+  return out
+
+
+def config_value(run: dict[str, Any], field: str):
+  """The run's value of a config field; ``None`` where its method ignores it
+  or the summary has no config (runs written before the config was saved)."""
+  if method_ignores(run["summary"]["method"], field):
+    return None
+  return _flat(run["summary"].get("config") or {}).get(field)
+
+
+def varying_fields(runs: Sequence[dict[str, Any]]) -> list[str]:
+  """Config fields, other than method and target, whose values differ among
+  the runs that use them (in config order)."""
+  fields = dict.fromkeys(k for r in runs for k in _flat(r["summary"].get("config") or {}))
+  out = []
+  for f in fields:
+    if f in ("method", "target_bits") or f in BOOKKEEPING_FIELDS:
+      continue
+    values = {json.dumps(config_value(r, f)) for r in runs
+              if r["summary"].get("config") and not method_ignores(r["summary"]["method"], f)}
+    if len(values) > 1:
+      out.append(f)
+  return out
+
+
+def run_label(run: dict[str, Any], fields: Sequence[str] = ()) -> str:
+  """``fp``, or ``<method> T<target>``, then the varying fields it uses."""
+  s = run["summary"]
+  label = "fp" if s["method"] == "fp" else f"{s['method']} T{s['target_bits']:g}"
+  extra = [f"{f}={format_value(f, config_value(run, f))}" for f in fields if config_value(run, f) is not None]
+  return " ".join([label, *extra])
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices of the points ``(compression, accuracy)`` that no other point
+  dominates (at least as high in both, higher in one), by increasing
+  compression (then decreasing accuracy)."""
+  if not len(points):
+    return []
+  p = np.asarray(points, np.float64).reshape(-1, 2)
+  ge = (p[None, :, 0] >= p[:, None, 0]) & (p[None, :, 1] >= p[:, None, 1])  # [i, j]: j at least as good as i
+  gt = (p[None, :, 0] > p[:, None, 0]) | (p[None, :, 1] > p[:, None, 1])
+  dominated = np.any(ge & gt, axis=1)
+  keep = np.flatnonzero(~dominated)
+  return sorted(keep.tolist(), key=lambda i: (p[i, 0], -p[i, 1]))
+
+
+def _sort_key(run: dict[str, Any], fields: Sequence[str]):
+  s = run["summary"]
+  rank = METHOD_ORDER.index(s["method"]) if s["method"] in METHOD_ORDER else len(METHOD_ORDER)
+
+  def sortable(v):
+    return (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))
+
+  return (rank, s["method"], s["target_bits"] if s["method"] != "fp" else 0.0,
+          tuple(sortable(config_value(run, f)) for f in fields), run["name"])
+
+
+def format_value(key: str, v) -> str:
+  """A table cell: accuracy in %, compression with an x, bits to 3 decimals."""
+  if v is None:
+    return "-"
+  if isinstance(v, bool):
+    return "yes" if v else ""
+  if key in ("test_accuracy", "fp_accuracy"):
+    return f"{100 * v:.2f}%"
+  if key == "compression":
+    return f"{v:.2f}x"
+  if key in ("avg_bits", "epoch_time_s"):
+    return f"{v:.3f}"
+  if key in ("peak_rss_mib", "peak_device_mib"):
+    return f"{v:.0f}"
+  if isinstance(v, float):
+    return f"{v:g}"
+  return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+  """``columns``: ``(row key, header)`` pairs."""
+  head = "| " + " | ".join(name for _, name in columns) + " |"
+  rule = "|" + "|".join("---" for _ in columns) + "|"
+  body = ["| " + " | ".join(format_value(k, r.get(k)) for k, _ in columns) + " |" for r in rows]
+  return "\n".join([head, rule, *body]) + "\n"
+
+
+def csv_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, [k for k, _ in columns], extrasaction="ignore")
+  w.writeheader()
+  w.writerows(rows)
+  return buf.getvalue()
+
+
+COLUMNS = (
+    ("run", "run"),
+    ("method", "method"),
+    ("target_bits", "target"),
+    ("avg_bits", "W-bits (avg)"),
+    ("act_bits", "A-bits"),
+    ("compression", "compression"),
+    ("test_accuracy", "accuracy"),
+)
+
+
+def table_rows(runs: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
+  """One row per run (in the order given): the columns of ``COLUMNS``, the
+  varying ``fields`` and ``pareto`` (on the accuracy-compression front)."""
+  front = set(pareto_front([(r["summary"]["compression"], r["summary"]["test_accuracy"]) for r in runs]))
+  rows = []
+  for i, r in enumerate(runs):
+    s = r["summary"]
+    row = {key: s.get(key) for key, _ in COLUMNS}
+    row.update(run=r["name"], target_bits=None if s["method"] == "fp" else s["target_bits"], pareto=i in front)
+    row.update({f: config_value(r, f) for f in fields})
+    rows.append(row)
+  return rows
+
+
+def tradeoff_tables(runs: Sequence[dict[str, Any]]) -> str:
+  """Table V's layout for each method run at two or more distinct targets
+  (and nothing else varying): targets as columns, then FP when one FP run is
+  present; rows average precision, compression, accuracy."""
+  fps = [r["summary"] for r in runs if r["summary"]["method"] == "fp"]
+  out = []
+  for method in dict.fromkeys(r["summary"]["method"] for r in runs):
+    sums = sorted((r["summary"] for r in runs if r["summary"]["method"] == method), key=lambda s: s["target_bits"])
+    targets = [s["target_bits"] for s in sums]
+    if method == "fp" or len(sums) < 2 or len(set(targets)) < len(targets):
+      continue
+    cols = [f"{t:g}-bit" for t in targets] + (["FP"] if len(fps) == 1 else [])
+    cells = sums + fps[:1] if len(fps) == 1 else sums
+    lines = [
+        "| Target | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+        "| Avg. prec. | " + " | ".join(f"{s['avg_bits']:.2f}" if s["method"] != "fp" else "32" for s in cells) + " |",
+        "| Comp (x) | " + " | ".join(f"{s['compression']:.2f}" for s in cells) + " |",
+        f"| {method.upper()} acc. (%) | " + " | ".join(f"{100 * s['test_accuracy']:.2f}" for s in cells) + " |",
+    ]
+    out.append(f"{method.upper()}, accuracy-size trade-off under different targets (CSQ Table V's layout):\n\n"
+               + "\n".join(lines) + "\n")
+  return "\n".join(out)
+
+
+FIGURE_NOTES = {
+    "precision_per_layer.png": ("Per-layer precision", "Final weight precision of every counted layer, one bar per"
+                                " run (CSQ Fig. 4); FP runs have no counted layers."),
+    "precision_during_training.png": ("Average precision during training", "Parameter-weighted average precision"
+                                      " (hard-counted bits) over the epochs of each run, its target dotted and"
+                                      " starred (CSQ Figs. 2-3); below, the hard-quantized test accuracy."),
+    "accuracy_vs_compression.png": ("Accuracy vs compression", "Each run's exactly quantized test accuracy against"
+                                    " its compression; the circled runs form the Pareto front (no run is both"
+                                    " smaller and more accurate)."),
+    "sensitivity.png": ("MSQ sensitivity", "MSQ's Hessian-aware sensitivity Omega_l = Tr(H_l) ||W_n - W||_2 of"
+                        " every layer at its last measurement; layers below the run's mean (dashed) drop two"
+                        " LSBs at a time."),
+}
+
+
+def write_report(paths: Sequence[str], out: str | None = None,
+                 failures: Sequence[tuple[str, str]] = ()) -> str:
+  """Write ``report.md``, ``report.csv`` and the figures for the runs at or
+  below ``paths`` into ``out`` (default: their common directory); ``failures``
+  (``(run, message)`` pairs) are listed at the end. Returns report.md's path."""
+  dirs = find_runs(paths)
+  out = out or os.path.commonpath([os.path.abspath(p) for p in paths])
+  os.makedirs(out, exist_ok=True)
+  runs = [load_run(d) for d in dirs]
+  base = os.path.commonpath([os.path.abspath(d) for d in dirs])
+  for r in runs:  # the path below the runs' common directory, or the run's own name
+    rel = os.path.relpath(os.path.abspath(r["dir"]), base)
+    r["name"] = os.path.basename(os.path.abspath(r["dir"])) if rel == "." else rel
+  fields = varying_fields(runs)
+  runs.sort(key=lambda r: _sort_key(r, fields))
+  labels = [run_label(r, fields) for r in runs]
+  for r, label in zip(runs, labels):
+    r["label"] = label if labels.count(label) == 1 else f"{label} ({r['name']})"
+  rows = table_rows(runs, fields)
+  columns = [*COLUMNS, *((f, f) for f in fields), ("pareto", "Pareto front")]
+
+  written = []
+  points = [{"method": r["summary"]["method"], "label": r["label"], "compression": r["summary"]["compression"],
+             "test_accuracy": r["summary"]["test_accuracy"]} for r in runs]
+  front = pareto_front([(p["compression"], p["test_accuracy"]) for p in points])
+  plots = [("precision_per_layer.png", any(r["summary"]["layers"] for r in runs),
+            lambda p: figures.plot_precision_per_layer(runs, p)),
+           ("precision_during_training.png", any(r["summary"]["layers"] and r["records"] for r in runs),
+            lambda p: figures.plot_precision_during_training(runs, p)),
+           ("accuracy_vs_compression.png", True, lambda p: figures.plot_accuracy_vs_compression(points, p, front)),
+           ("sensitivity.png", any(r["sensitivity"] for r in runs), lambda p: figures.plot_sensitivity(runs, p))]
+  for name, wanted, plot in plots:
+    if wanted:
+      plot(os.path.join(out, name))
+      written.append(name)
+
+  models = sorted({f"{r['summary']['model']} on {r['summary']['dataset']}" for r in runs})
+  parts = [
+      "# csq_jax report\n",
+      f"{len(runs)} run{'s' * (len(runs) != 1)}: {'; '.join(models)}. Accuracy: test accuracy of the exactly"
+      " quantized model (every gate a unit step). W-bits: parameter-weighted average weight precision of the"
+      " counted layers; A-bits: activation precision (32 = float); compression: 32 x counted weights / their"
+      " total bits.\n",
+      markdown_table(rows, columns),
+  ]
+  tradeoff = tradeoff_tables(runs)
+  if tradeoff:
+    parts.append(tradeoff)
+  for name in written:
+    title, note = FIGURE_NOTES[name]
+    parts.append(f"## {title}\n\n![{title}]({name})\n\n{note}\n")
+  if failures:
+    parts.append("## Failed runs\n\n" + "\n".join(f"- `{n}`: {msg}" for n, msg in failures) + "\n")
+  path = os.path.join(out, "report.md")
+  atomic_write_text(path, "\n".join(parts))
+  atomic_write_text(os.path.join(out, "report.csv"), csv_table([{**r, "label": x["label"]} for r, x in
+                                                                zip(rows, runs)], [*columns, ("label", "label")]))
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m csq_jax.report",
+                                   description="Tables and figures of finished runs (report.md).")
+  parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                      help="finished runs, or directories above them (every summary.json below is a run)")
+  parser.add_argument("--out", default=None, help="directory for report.md and the figures"
+                      " (default: the directory common to the RUN_DIRs)")
+  args = parser.parse_args(argv)
+  try:
+    path = write_report(args.run_dirs, args.out)
+  except ReportError as e:
+    sys.exit(f"csq_jax: error: {e}")
+  with open(path) as f:
+    print(f.read().split("\n## ")[0].rstrip())  # the tables, not the figures
+  print(f"\nReport: {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,74 @@
+"""The sweep command (csq_jax/sweep.py): axes, plan, command lines, and two
+tiny runs end to end (one of them failing)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from absl import app
+
+from conftest import ROOT, load_config
+from csq_jax import sweep
+
+
+def test_parse_axis():
+  assert sweep.parse_axis("target_bits=1,2, 3,2") == ("target_bits", ["1", "2", "3"])
+  assert sweep.parse_axis("method=csq") == ("method", ["csq"])
+  for bad in ("target_bits", "target_bits=", "=1,2", "a b=1"):
+    with pytest.raises(app.UsageError, match="FIELD=V1,V2"):
+      sweep.parse_axis(bad)
+
+
+def test_plan_is_the_product_without_runs_that_differ_in_ignored_fields():
+  runs = sweep.plan([("method", ["fp", "csq", "msq"]), ("target_bits", ["2", "3.0"]),
+                     ("msq_lambda", ["0.01", "0.1"])])
+  assert [r.name for r in runs] == [
+      "fp",  # once: FP ignores the target and MSQ's lambda
+      "csq_t2", "csq_t3",  # CSQ ignores msq_lambda
+      "msq_t2_msq_lambda0.01", "msq_t2_msq_lambda0.1", "msq_t3_msq_lambda0.01", "msq_t3_msq_lambda0.1",
+  ]
+  assert runs[0].overrides == (("method", "fp"),)
+  assert runs[2].overrides == (("method", "csq"), ("target_bits", "3.0"))
+  assert runs[4].overrides == (("method", "msq"), ("target_bits", "2"), ("msq_lambda", "0.1"))
+  assert [r.name for r in sweep.plan([("reg_strength", ["0.01", "1"])])] == ["reg_strength0.01", "reg_strength1"]
+  assert [r.name for r in sweep.plan([])] == ["run"]
+  with pytest.raises(app.UsageError, match="Unknown method 'hawq'"):
+    sweep.plan([("method", ["csq", "hawq"])])
+  with pytest.raises(app.UsageError, match="swept twice"):
+    sweep.plan([("target_bits", ["2"]), ("target_bits", ["3"])])
+
+
+def test_command_and_field_checks():
+  run = sweep.plan([("target_bits", ["2"])])[0]
+  cmd = sweep.command("configs/default.py", "runs/x/t2", run, ["--config.num_epochs=1"])
+  assert cmd[1:] == ["-m", "csq_jax.main", "--config=configs/default.py", "--workdir=runs/x/t2",
+                     "--config.progress=False", "--config.target_bits=2", "--config.num_epochs=1"]
+  config = load_config("default")
+  sweep.check_fields(config, ["target_bits", "method"])
+  with pytest.raises(app.UsageError, match="no field 'targt_bits'"):
+    sweep.check_fields(config, ["targt_bits"])
+  with pytest.raises(app.UsageError, match="only --config"):
+    sweep.split_overrides(["prog", "--config.num_epochs=1", "extra"])
+
+
+@pytest.mark.slow
+def test_sweep_trains_reports_keeps_going_after_a_failure_and_reuses(tmp_path):
+  # Target 9 is impossible with 8 bit planes: that run fails at once.
+  cmd = [sys.executable, "-m", "csq_jax.sweep", "--config=configs/default.py", f"--workdir={tmp_path}",
+         "--sweep=target_bits=3,9", "--parallel=2", "--config.num_epochs=1", "--config.finetune_epochs=0",
+         "--config.tensorboard=False"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "1 of 2 runs failed: t9 (exit code 1" in out.stderr
+  assert "[sweep] t3: done" in out.stdout and "[sweep] t9: FAILED" in out.stdout
+  assert "target_bits=9.0 is impossible" in (tmp_path / "t9" / "train.log").read_text()
+  s = json.loads((tmp_path / "t3" / "summary.json").read_text())
+  assert s["config"]["num_epochs"] == 1 and s["target_bits"] == 3.0
+  md = (tmp_path / "report.md").read_text()
+  assert (f"| t3 | csq | 3 | {s['avg_bits']:.3f} | 32 | {s['compression']:.2f}x | {100 * s['test_accuracy']:.2f}%"
+          " | yes |") in md
+  assert "## Failed runs\n\n- `t9`: exit code 1" in md
+  assert (tmp_path / "precision_per_layer.png").stat().st_size > 10_000
+  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert "[sweep] t3:" not in again.stdout and "0 trained, 1 reused, 1 failed." in again.stdout
