@@ -44,6 +44,10 @@ def common() -> ml_collections.ConfigDict:
   c.budget_weighting = "params"  # params (paper) | layers (authors' code)
   c.beta0 = 1.0  # initial gate temperature
   c.beta_max = 200.0  # temperature reached at the end of each phase
+  # Bits every CSQ layer keeps when the selection is frozen (finetune) or final:
+  # the budget term can prune a layer's last bit, and a 0-bit layer cuts the
+  # network (0: allow it, as Eq. 7 alone does).
+  c.min_layer_bits = 1
   c.csq_init = "float"  # float: bit planes of the model's (or init_from's) weights; random: random logits
   c.logit_init = 1.0  # magnitude of the initial bit logits (the authors' code: bits 0/1)
   c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary

@@ -45,7 +45,7 @@ import numpy as np
 from absl import logging
 
 from csq_jax import budget, hessian, quantizers, transform
-from csq_jax.quantizers import bsq, msq
+from csq_jax.quantizers import bsq, csq, msq
 from csq_jax.quantizers.bsq import BSQWeight
 from csq_jax.quantizers.csq import CSQWeight
 from csq_jax.quantizers.msq import MSQWeight
@@ -166,12 +166,20 @@ class CSQ(Method):
   def __init__(self, config):
     super().__init__(config)
     self.strength = float(config.reg_strength)
+    self.min_bits = int(config.get("min_layer_bits", 1))
 
   def regularizer(self, params, beta):
     return budget.budget_penalty(params, beta, self.target, self.strength, self.weighting)
 
+  def _with_min_bits(self, params):
+    return _map_type(lambda q: csq.with_min_bits(q, self.min_bits), CSQWeight, params)
+
   def start_finetune(self, params):
-    return transform.set_mask_mode(params, "frozen")
+    """Freeze the selection (Eq. 4), each layer keeping ``min_layer_bits``."""
+    return transform.set_mask_mode(self._with_min_bits(params), "frozen")
+
+  def finalize(self, params):
+    return self._with_min_bits(params)
 
   def start_round(self, params, rewind_params, mask_clamp: float):
     """The authors' multi-round recipe: keep the bit selection found so far,

@@ -369,3 +369,16 @@ def test_custom_gradient_equals_autodiff_of_plain_eq5(mask_mode, n_bits):
   want = jax.grad(loss(plain), argnums=(0, 1))(w, jnp.float32(3.0))
   chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(csq.materialize(w, 3.0), plain(w, 3.0), rtol=1e-5, atol=1e-6)
+
+
+def test_with_min_bits_switches_on_the_largest_mask_logits_of_a_pruned_layer():
+  w = csq.init_from_float(jnp.ones((3, 4)), 8, 1.0, "learned")
+  pruned = w.replace(mask_logits=jnp.array([-3.0, -0.5, -2.0, -0.1, -4.0, -1.0, -5.0, -0.2]))
+  assert int(csq.precision(pruned)) == 0
+  one = csq.with_min_bits(pruned, 1)
+  np.testing.assert_array_equal(np.asarray(one.mask_logits >= 0), np.arange(8) == 3)
+  two = csq.with_min_bits(pruned, 2)
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(two.mask_logits >= 0)), [3, 7])
+  kept = w.replace(mask_logits=jnp.array([1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0]))
+  np.testing.assert_array_equal(csq.with_min_bits(kept, 1).mask_logits, kept.mask_logits)
+  np.testing.assert_array_equal(csq.with_min_bits(pruned, 0).mask_logits, pruned.mask_logits)

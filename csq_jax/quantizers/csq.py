@@ -242,6 +242,20 @@ def init_random(
   return w.replace(scale=scale)
 
 
+def with_min_bits(w: CSQWeight, min_bits: int) -> CSQWeight:
+  """The layer with at least ``min_bits`` selected bits: where fewer are
+  selected, the ``min_bits`` bits with the largest mask logits are switched
+  on (their logits raised to 0). A 0-bit layer outputs zeros and cuts the
+  network; the budget penalty of Eq. (7) alone can prune a layer's last bit.
+  Layers that already have enough bits are unchanged."""
+  if w.mask_mode == "none" or min_bits <= 0:
+    return w
+  k = min(min_bits, w.mask_logits.shape[0])
+  kth_largest = jnp.sort(w.mask_logits)[-k]
+  raised = jnp.where(w.mask_logits >= kth_largest, jnp.maximum(w.mask_logits, 0.0), w.mask_logits)
+  return w.replace(mask_logits=jnp.where(precision(w) < k, raised, w.mask_logits))
+
+
 def with_mask_mode(w: CSQWeight, mask_mode: MaskMode) -> CSQWeight:
   """The same parameters under another bit-selection mode (e.g. Alg. 1's finetune)."""
   _check_mode(mask_mode)
