@@ -14,20 +14,10 @@ from csq_jax import configlib, models
 
 
 def get_config(arg: str = ""):
-  c = configlib.imagenet(configlib.common())
+  c = configlib.imagenet_transformer(configlib.common())
   c.model = "deit_s"  # ViT-S/16, 22.05M params
-  c.method = "msq"
   c.rules = models.DEFAULT_RULES["deit_s"]
   c.target_bits = 3.34
-  c.optimizer = "adamw"
-  c.momentum = 0.9  # Adam's b1
-  c.batch_size = 512
-  c.learning_rate = 5e-4
-  c.finetune_learning_rate = 5e-5
-  c.weight_decay = 0.05
-  c.num_epochs = 100
-  c.finetune_epochs = 10
-  c.msq_prune_every = 5
   c.fp_accuracy = 0.798  # DeiT-S (Touvron et al. 2021)
   args = configlib.parse_args(arg)
   if "runlocal" in args:

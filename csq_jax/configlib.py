@@ -177,6 +177,25 @@ def imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def imagenet_transformer(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """ImageNet defaults for MSQ on vision transformers (DeiT's recipe, from a
+  float model): AdamW (b1 0.9), lr 5e-4 for batch 512 with cosine decay and
+  5 warm-up epochs, weight decay 0.05, 100 + 10 finetune epochs, LSB pruning
+  checked every 5 epochs."""
+  imagenet(c)
+  c.method = "msq"
+  c.optimizer = "adamw"
+  c.momentum = 0.9  # Adam's b1
+  c.batch_size = 512
+  c.learning_rate = 5e-4
+  c.finetune_learning_rate = 5e-5
+  c.weight_decay = 0.05
+  c.num_epochs = 100
+  c.finetune_epochs = 10
+  c.msq_prune_every = 5
+  return c
+
+
 def runlocal_imagenet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``runlocal`` for ImageNet configs: small crops and batches (with the
   2 epochs of ``apply_args``) for a smoke test of the pipeline."""
