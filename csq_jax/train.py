@@ -253,7 +253,8 @@ def cross_entropy(logits, labels):
 
 def device_batch(batch, mesh):
   """A global host batch (the same on every process) as global device arrays
-  split over the mesh's data axes; this process supplies its own rows."""
+  split over the mesh's data axes; this process supplies its own rows. (Once
+  the pipeline yields each process's rows itself, only ``shard_batch`` stays.)"""
   where = sharding.batch_sharding(mesh)
   return sharding.shard_batch(sharding.process_local_rows(batch, where), where)
 
