@@ -113,6 +113,23 @@ def common() -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.progress = True
   c.fp_accuracy = -1.0  # float baseline accuracy for the summary, if known (-1: unknown)
+
+  # Devices (csq_jax/sharding.py). The mesh: (axis, size) pairs, size -1 = the
+  # rest of the devices. "data" splits the batch over devices (XLA all-reduces
+  # the materialized weights' gradient, not the bit planes'); "fsdp" splits the
+  # batch too and shards each large state leaf (bit planes, latent weights and
+  # their optimizer state) along one axis, dividing its memory per device by
+  # the fsdp size. batch_size and eval_batch_size must be multiples of
+  # data x fsdp. E.g. --config.mesh="(('data', -1), ('fsdp', 2))".
+  c.mesh = (("data", -1), ("fsdp", 1))
+  # Multi-host (csq_jax/distributed.py, launch/): init "env" joins the other
+  # processes when launch/local.py's CSQ_COORDINATOR/CSQ_NUM_PROCESSES/
+  # CSQ_PROCESS_ID or JAX_COORDINATOR_ADDRESS are set (else one process),
+  # "auto" always (JAX detects TPU pods and SLURM; launch/tpu_pod.sh and
+  # launch/slurm.sbatch set it), "off" never. coordinator (host:port of
+  # process 0), num_processes and process_id set it explicitly (""/0/-1: unset).
+  c.distributed = ml_collections.ConfigDict(
+      {"init": "env", "coordinator": "", "num_processes": 0, "process_id": -1})
   return c
 
 

@@ -3,6 +3,8 @@
 Any config field can be overridden, e.g. ``--config.target_bits=2``. A run
 resumes from the latest checkpoint in ``DIR``. On SIGTERM (preemption) it
 saves the current step and exits with status 143; rerunning resumes there.
+Started as one of several processes (``launch/``), it first joins them
+(``distributed.maybe_initialize``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from csq_jax import checkpoint, data, train
+from csq_jax import checkpoint, data, distributed, train
 
 EXIT_PREEMPTED = 143
-USER_ERRORS = (train.ConfigError, data.DataError, checkpoint.CheckpointError, train.NonFiniteLossError)
+USER_ERRORS = (train.ConfigError, data.DataError, checkpoint.CheckpointError, train.NonFiniteLossError,
+               distributed.DistributedError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
@@ -29,6 +32,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   try:
+    distributed.maybe_initialize(_CONFIG.value)  # before anything touches a device
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
     # Bad input: one line that says what to do, no traceback.

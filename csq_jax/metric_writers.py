@@ -57,6 +57,20 @@ class MetricWriter:
       self._tb.close()
 
 
+class NullWriter:
+  """``MetricWriter``'s interface writing nothing: processes other than 0 of a
+  multi-host run (process 0 writes for all)."""
+
+  def truncate(self, last_epoch: int) -> None:
+    del last_epoch
+
+  def write(self, epoch: int, metrics: dict[str, Any]) -> None:
+    del epoch, metrics
+
+  def close(self) -> None:
+    pass
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []

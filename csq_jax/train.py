@@ -37,7 +37,8 @@ import optax
 from absl import logging
 from flax import struct
 
-from csq_jax import budget, checkpoint, data, export, gates, methods, metric_writers, models, pretrained, report, transform
+from csq_jax import budget, checkpoint, data, distributed, export, gates, methods, metric_writers, models
+from csq_jax import pretrained, report, sharding, transform
 from csq_jax.quantizers import activations
 from csq_jax.quantizers.csq import CSQWeight
 
@@ -109,6 +110,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"msq_threshold is a fraction of weights, in [0, 1]; got {config.msq_threshold}.")
   if config.method == "bsq" and not 0.0 <= config.bsq_threshold < 1.0:
     raise ConfigError(f"bsq_threshold is a fraction of weights, in [0, 1); got {config.bsq_threshold}.")
+  try:
+    mesh = sharding.mesh_shape(config.get("mesh", sharding.DEFAULT_MESH), jax.device_count())
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  ways = mesh["data"] * mesh.get("fsdp", 1)
+  if config.batch_size % ways or config.eval_batch_size % ways:
+    raise ConfigError(f"batch_size={config.batch_size} and eval_batch_size={config.eval_batch_size} must be"
+                      f" multiples of the {ways} data-parallel devices (mesh {mesh}); change them or the mesh.")
   try:
     transform.rules_from_config(config.rules)
     transform.QuantizeSpec(config.method, config.n_bits, config.csq_init, config.logit_init)
@@ -291,11 +300,45 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def make_train_step(model, phase: Phase, method: methods.Method) -> Callable:
+def device_batch(batch, mesh):
+  """A global host batch (the same on every process) as global device arrays
+  split over the mesh's data axes; this process supplies its own rows. (Once
+  the pipeline yields each process's rows itself, only ``shard_batch`` stays.)"""
+  where = sharding.batch_sharding(mesh)
+  return sharding.shard_batch(sharding.process_local_rows(batch, where), where)
+
+
+def _on_mesh(fn, mesh, state_args: tuple[int, ...], batch_arg: int, outs=None, donate=()):
+  """``fn`` jitted over ``mesh``: the args in ``state_args`` on their state
+  sharding, the host batch at ``batch_arg`` split over the data axes, other
+  args replicated; outputs replicated, or ``outs(replicated, in_shardings)``."""
+
+  def shardings(*args):
+    rep = sharding.replicated(mesh)
+    ins = [sharding.state_sharding(mesh, a) if i in state_args else rep for i, a in enumerate(args)]
+    ins[batch_arg] = sharding.batch_sharding(mesh)
+    return tuple(ins), (rep if outs is None else outs(rep, ins))
+
+  jitted = sharding.jit_sharded(fn, shardings, donate)
+
+  def to_device(args):
+    return args[:batch_arg] + (device_batch(args[batch_arg], mesh),) + args[batch_arg + 1:]
+
+  def call(*args):
+    return jitted(*to_device(args))
+
+  call.lower = lambda *args: jitted.lower(*to_device(args))
+  return call
+
+
+def make_train_step(model, phase: Phase, method: methods.Method, mesh=None) -> Callable:
   """``(state, batch) -> (state, metrics)``, jitted with the state donated.
 
   The loss is the cross-entropy plus, in the search phase, the method's
   regularizer; the method's ``after_update`` follows the optimizer step.
+  With a ``mesh`` (``sharding.make_mesh``) the step takes global host
+  batches, splits them over the data axes and keeps the state on its
+  sharding (``sharding.state_sharding``); XLA all-reduces the gradient.
   """
 
   def train_step(state: TrainState, batch):
@@ -303,6 +346,8 @@ def make_train_step(model, phase: Phase, method: methods.Method) -> Callable:
 
     def loss_fn(params):
       weights = transform.materialize(params, beta)
+      if mesh is not None:
+        weights = sharding.constrain_weights(weights, params, mesh)
       logits, updates = model.apply(
           {"params": weights, "batch_stats": state.batch_stats}, batch["image"], train=True,
           mutable=["batch_stats"],
@@ -326,26 +371,32 @@ def make_train_step(model, phase: Phase, method: methods.Method) -> Callable:
     )
     return new_state, metrics
 
+  if mesh is not None:
+    return _on_mesh(train_step, mesh, state_args=(0,), batch_arg=1, outs=lambda rep, ins: (ins[0], rep), donate=0)
   return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(model, hard: bool) -> Callable:
+def make_eval_step(model, hard: bool, mesh=None) -> Callable:
   """``(params, batch_stats, batch, beta) -> (correct, loss_sum, count)``;
-  with ``hard`` every gate is a unit step (the exactly quantized model)."""
+  with ``hard`` every gate is a unit step (the exactly quantized model).
+  With a ``mesh``, sharded as ``make_train_step``."""
 
-  @jax.jit
   def eval_step(params, batch_stats, batch, beta):
     weights = transform.materialize(params, beta, hard=hard)
+    if mesh is not None:
+      weights = sharding.constrain_weights(weights, params, mesh)
     logits = model.apply({"params": weights, "batch_stats": batch_stats}, batch["image"], train=False)
     mask = batch["mask"]
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask)
     loss = jnp.sum(cross_entropy(logits, batch["label"]) * mask)
     return correct, loss, jnp.sum(mask)
 
-  return eval_step
+  if mesh is not None:
+    return _on_mesh(eval_step, mesh, state_args=(0, 1), batch_arg=2)
+  return jax.jit(eval_step)
 
 
-def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config) -> TrainState:
+def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config, mesh=None) -> TrainState:
   """Re-estimate BN running statistics under the hard-quantized weights.
 
   The running statistics are averaged over training steps whose soft weights
@@ -353,21 +404,25 @@ def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config) -
   weights deserve statistics of their own. BN parameters are float and not
   counted, so this changes no quantized value. ``bn_recalibration_epochs``
   passes over the (augmented) training data in train mode, no gradient.
+  With a ``mesh``, the batches are split over its data axes.
   """
   if config.bn_recalibration_epochs <= 0 or not jax.tree_util.tree_leaves(state.batch_stats):
     return state
   weights = transform.materialize(state.params, None, hard=True)
 
-  @jax.jit
-  def update(batch_stats, images):
-    _, new = model.apply({"params": weights, "batch_stats": batch_stats}, images, train=True,
+  def update(weights, batch_stats, batch):
+    _, new = model.apply({"params": weights, "batch_stats": batch_stats}, batch["image"], train=True,
                          mutable=["batch_stats"])
     return new["batch_stats"]
 
+  if mesh is None:
+    update = jax.jit(update)
+  else:
+    update = _on_mesh(update, mesh, state_args=(0, 1), batch_arg=2, outs=lambda rep, ins: ins[1])
   batch_stats = state.batch_stats
   for i in range(config.bn_recalibration_epochs):
     for batch in data.train_batches(ds, config.batch_size, config.seed + 1, i):
-      batch_stats = update(batch_stats, batch["image"])
+      batch_stats = update(weights, batch_stats, {"image": batch["image"]})
   return state.replace(batch_stats=batch_stats)
 
 
@@ -492,11 +547,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   phases = make_phases(config, spe)
   total_epochs = sum(p.epochs for p in phases)
   model = create_model(config, ds.num_classes, ds.image_shape)
+  mesh = sharding.make_mesh(config.get("mesh", sharding.DEFAULT_MESH))
   state, rules_report = init_state(config, model, ds.image_shape, phases[0], jax.random.key(config.seed))
+  state = sharding.place(state, sharding.state_sharding(mesh, state))  # also the template a restore fills
   identity = checkpoint.run_identity(config)
 
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  writer = metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard)
+  chief = distributed.is_chief()  # only process 0 writes metrics, the summary and plots
+  writer = metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard) if chief else metric_writers.NullWriter()
   saved = checkpoint.latest_step(mngr) or 0  # checkpoints are numbered by global train step
   if saved:
     state = restore_state(mngr, saved, state, phases, method, config)
@@ -509,9 +567,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "structure": method.structure(state.params)}
     checkpoint.save(mngr, global_step, state, meta)
 
-  eval_hard = make_eval_step(model, hard=True)
-  eval_soft = make_eval_step(model, hard=False)
-  steps = [make_train_step(model, p, method) for p in phases]
+  eval_hard = make_eval_step(model, hard=True, mesh=mesh)
+  eval_soft = make_eval_step(model, hard=False, mesh=mesh)
+  steps = [make_train_step(model, p, method, mesh) for p in phases]
   check_every = max(int(config.get("check_finite_every_steps", 100)), 1)
   rounds = int(config.get("csq_rounds", 1))
   save_every = int(config.get("checkpoint_every_steps", 0))
@@ -532,7 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       per_step, checked = [], 0
       first_step = epoch * spe + start + 1  # global step number of this process's first step here
       batches = data.train_batches(ds, config.batch_size, config.seed, epoch, start=start)
-      with _progress(spe, f"{phase.name} epoch {epoch + 1}/{total_epochs}", config.progress) as bar:
+      with _progress(spe, f"{phase.name} epoch {epoch + 1}/{total_epochs}", config.progress and chief) as bar:
         bar.update(start)
         for batch in batches:
           state, m = steps[pi](state, batch)
@@ -562,9 +620,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batches=lambda: data.train_batches(ds, config.batch_size, config.seed + 2, epoch),
             key=jax.random.fold_in(jax.random.key(config.seed + 3), epoch),
         )
-        params, info = method.adjust(state.params, ctx)
-        if params is not state.params:
+        whole = sharding.replicate(state.params, mesh)  # host code reads whole arrays (fsdp)
+        params, info = method.adjust(whole, ctx)
+        if params is not whole:
           state = state.replace(params=params, opt_state=carry_opt_state(phase.tx, state.opt_state, params))
+          state = sharding.place(state, sharding.state_sharding(mesh, state))  # saved below: global arrays
         metrics.update({f"adjust_{k}": v for k, v in info.items()})
       if (epoch + 1) % config.eval_every == 0 or epoch + 1 == total_epochs:
         metrics["test_accuracy"], metrics["test_loss"] = evaluate(eval_hard, state, ds, config.eval_batch_size)
@@ -583,9 +643,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       saved = (epoch + 1) * spe
   writer.close()
 
+  state = sharding.replicate(state, mesh)  # host code below reads whole arrays (fsdp)
   state = state.replace(params=method.finalize(state.params))
   accuracy_before, _ = evaluate(eval_hard, state, ds, config.eval_batch_size)
-  state = recalibrate_batch_norm(model, state, ds, config)
+  state = recalibrate_batch_norm(model, state, ds, config, mesh)
   accuracy, loss = evaluate(eval_hard, state, ds, config.eval_batch_size)
   summary = report.make_summary(config, ds, model, state, accuracy, loss, rules_report)
   summary["test_accuracy_before_bn_recalibration"] = float(accuracy_before)
@@ -596,6 +657,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The exact integer model (every process gathers, process 0 writes).
   summary.update(export.export_model(os.path.join(workdir, export.FILENAME), state.params, state.batch_stats,
                                      export.run_meta(config, ds.num_classes, ds.image_shape, accuracy)))
-  report.write_outputs(workdir, summary)
+  if chief:
+    report.write_outputs(workdir, summary)
   mngr.close()
   return summary

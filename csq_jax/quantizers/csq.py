@@ -128,24 +128,30 @@ def _soft_weight_bwd(residuals, g):
   pos, neg, coeff, scale, beta = residuals
   n = pos.shape[0]
   k = scale / (2.0**n - 1.0)
-  p, m, g1 = pos.reshape(n, -1), neg.reshape(n, -1), g.reshape(-1)
-  kcg = (k * coeff)[:, None] * g1[None]
-  sp, sn = gates.soft_gate(p, beta), gates.soft_gate(m, beta)
+  # Everything keeps the kernel's shape ([n_bits, *kernel]; no flattening),
+  # so a kernel axis sharded over devices (fsdp) stays sharded: a reshape
+  # to [n_bits, N] would make XLA gather the bit planes.
+  per_bit = (k * coeff).reshape((n,) + (1,) * g.ndim)
+  kcg = per_bit * g[None]
+  sp, sn = gates.soft_gate(pos, beta), gates.soft_gate(neg, beta)
   dsp, dsn = sp * (1 - sp), sn * (1 - sn)  # sigma' of Eq. (2), up to the factor beta
   # The gates of sum_i bits_b * g are written as 0.5 + 0.5 tanh(x/2) (the same
   # sigmoid) so that XLA does not share them with sp/sn: shared, they depend on
   # the logits alone and XLA:CPU computes them in the forward pass, keeping every
   # layer's [n_bits, N] copy alive at the activation peak.
   tanh_gate = lambda x: 0.5 + 0.5 * jnp.tanh(0.5 * x)
-  # The sum over weights as a mat-vec with ones: XLA:CPU fuses it with the
-  # product instead of materializing [n_bits, N] for a reduction (and is ~3x faster).
-  raw = ((tanh_gate(beta * p) - tanh_gate(beta * m)) * g1[None]) @ jnp.ones_like(g1)
+  # The sum over weights as a contraction with ones over every kernel axis:
+  # XLA:CPU fuses it with the product instead of materializing [n_bits, N]
+  # for a reduction (and is ~3x faster).
+  kernel_axes = tuple(range(1, pos.ndim))
+  contract = lambda x: jax.lax.dot_general(x, jnp.ones_like(g), ((kernel_axes, tuple(range(g.ndim))), ((), ())))
+  raw = contract((tanh_gate(beta * pos) - tanh_gate(beta * neg)) * g[None])
   return (
-      (beta * dsp * kcg).reshape(pos.shape),
-      (-beta * dsn * kcg).reshape(neg.shape),
+      beta * dsp * kcg,
+      -beta * dsn * kcg,
       k * raw,
       (jnp.dot(coeff, raw) / (2.0**n - 1.0)).astype(scale.dtype),
-      jnp.reshape(jnp.sum((p * dsp - m * dsn) * kcg), jnp.shape(beta)).astype(beta.dtype),
+      jnp.reshape(jnp.sum((pos * dsp - neg * dsn) * kcg), jnp.shape(beta)).astype(beta.dtype),
   )
 
 
