@@ -37,7 +37,7 @@ def final_params(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
   state = sharding.place(state, sharding.state_sharding(mesh, state))
   mngr = checkpoint.manager(workdir)
-  state = train.restore_state(mngr, config.num_epochs, state, phases, methods.get(config), config)
+  state = train.restore_state(mngr, mngr.latest_step(), state, phases, methods.get(config), config)
   mngr.close()
   state = sharding.replicate(state, mesh)
   return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(state.params)]
