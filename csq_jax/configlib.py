@@ -9,6 +9,8 @@ take, e.g. ``configs/imagenet_r50.py:msq,runlocal``.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 
 import ml_collections
@@ -131,6 +133,15 @@ def common() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(
       {"init": "env", "coordinator": "", "num_processes": 0, "process_id": -1})
   return c
+
+
+def load(path: str, arg: str = "") -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of the config file at ``path``, loaded as
+  ``--config=path[:arg]`` loads it (for scripts, benchmarks and tests)."""
+  spec = importlib.util.spec_from_file_location(f"config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def parse_args(arg: str, extra: tuple[str, ...] = ()) -> set[str]:

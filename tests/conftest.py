@@ -9,12 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str, arg: str = ""):
   """``get_config`` of ``configs/<name>.py``, loaded by path as config_flags does."""
-  import importlib.util
+  from csq_jax import configlib
 
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return configlib.load(os.path.join(ROOT, "configs", f"{name}.py"), arg)
 
 
 @pytest.fixture
