@@ -8,15 +8,15 @@
 #
 # Usage:
 #   launch/tpu_pod.sh TPU_NAME ZONE -- --config=configs/cifar10_resnet20.py \
-#       --workdir=gs://BUCKET/runs/r20_t2 --config.data_dir=gs://BUCKET/tensorflow_datasets
+#       --workdir=/mnt/bucket/runs/r20_t2 --config.data_dir=/mnt/bucket/tensorflow_datasets
 #
 # Before the first run, put this repository at the same path on every worker
 # and install it (once):
 #   gcloud compute tpus tpu-vm scp --recurse . TPU_NAME:csq_jax --zone=ZONE --worker=all
 #   gcloud compute tpus tpu-vm ssh TPU_NAME --zone=ZONE --worker=all \
 #       --command='cd csq_jax && pip install -e . "jax[tpu]"'
-# The workdir (and data_dir) must be visible to every worker, e.g. a gs://
-# bucket: orbax writes each checkpoint from all processes, and process 0 writes
+# The workdir (and data_dir) must be visible to every worker as a POSIX path, e.g. a gs://
+# bucket mounted with gcsfuse at /mnt/bucket: orbax writes each checkpoint from all processes, and process 0 writes
 # the metrics, summary and plots.
 #
 # Environment: PROJECT (gcloud project, default: gcloud's), REPO_DIR (path of
@@ -25,7 +25,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 || "$3" != "--" ]]; then
-  echo "usage: $0 TPU_NAME ZONE -- --config=... --workdir=gs://... [--config.KEY=VALUE ...]" >&2
+  echo "usage: $0 TPU_NAME ZONE -- --config=... --workdir=/mnt/bucket/... [--config.KEY=VALUE ...]" >&2
   exit 2
 fi
 TPU_NAME=$1
