@@ -301,11 +301,15 @@ def cross_entropy(logits, labels):
 
 
 def device_batch(batch, mesh):
-  """A global host batch (the same on every process) as global device arrays
-  split over the mesh's data axes; this process supplies its own rows. (Once
-  the pipeline yields each process's rows itself, only ``shard_batch`` stays.)"""
-  where = sharding.batch_sharding(mesh)
-  return sharding.shard_batch(sharding.process_local_rows(batch, where), where)
+  """This process's rows of a global batch (``data.train_batches`` /
+  ``eval_batches`` with ``process_rows()``; with one process, the whole batch)
+  as global device arrays split over the mesh's data axes."""
+  return sharding.shard_batch(batch, sharding.batch_sharding(mesh))
+
+
+def process_rows() -> dict[str, int]:
+  """The data pipeline's arguments for this process's rows of every batch."""
+  return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def _on_mesh(fn, mesh, state_args: tuple[int, ...], batch_arg: int, outs=None, donate=()):
@@ -421,7 +425,7 @@ def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config, m
     update = _on_mesh(update, mesh, state_args=(0, 1), batch_arg=2, outs=lambda rep, ins: ins[1])
   batch_stats = state.batch_stats
   for i in range(config.bn_recalibration_epochs):
-    for batch in data.train_batches(ds, config.batch_size, config.seed + 1, i):
+    for batch in data.train_batches(ds, config.batch_size, config.seed + 1, i, **process_rows()):
       batch_stats = update(weights, batch_stats, {"image": batch["image"]})
   return state.replace(batch_stats=batch_stats)
 
@@ -429,7 +433,7 @@ def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config, m
 def evaluate(eval_step, state: TrainState, ds: data.Dataset, batch_size: int, beta=1.0):
   """``(accuracy, mean loss)`` over the whole test split."""
   totals = np.zeros(3)
-  for batch in data.eval_batches(ds, batch_size):
+  for batch in data.eval_batches(ds, batch_size, **process_rows()):
     totals += np.asarray(jax.device_get(eval_step(state.params, state.batch_stats, batch, beta)))
   correct, loss, n = totals
   return correct / n, loss / n
@@ -589,7 +593,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       t0 = time.perf_counter()
       per_step, checked = [], 0
       first_step = epoch * spe + start + 1  # global step number of this process's first step here
-      batches = data.train_batches(ds, config.batch_size, config.seed, epoch, start=start)
+      batches = data.to_iterator(
+          data.train_batches(ds, config.batch_size, config.seed, epoch, start=start, **process_rows()),
+          config.get("data_workers", 0), config.get("prefetch_batches", 2))
       with _progress(spe, f"{phase.name} epoch {epoch + 1}/{total_epochs}", config.progress and chief) as bar:
         bar.update(start)
         for batch in batches:

@@ -34,6 +34,7 @@ def test_table_markdown_csv_and_plot(tmp_path):
   assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+@pytest.mark.extended  # test_sweep's end-to-end test runs the same sweep code
 def test_compare_command_runs_methods_and_reuses_finished_runs(tmp_path):
   cmd = [sys.executable, "-m", "csq_jax.compare", "--config=configs/default.py", f"--workdir={tmp_path}",
          "--methods=ste,msq", "--targets=4", "--config.num_epochs=1", "--config.finetune_epochs=0",

@@ -360,7 +360,7 @@ def test_csq_training_step_small_variant(name):
   _csq_step_check(m, models.DEFAULT_RULES[name], v, x, jnp.array([3, 7]))
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # test_configs runs the full models' configs' steps in CI
 @pytest.mark.parametrize("name, size, kw", [
     ("vgg19_bn", 32, {}),
     ("mobilenet_v3_large", 64, {}),
