@@ -272,7 +272,7 @@ def test_init_from_a_float_run_starts_bsq_at_its_8bit_quantization(tmp_path):
   assert all(jax.tree_util.tree_leaves(same))
 
   c.init_from = str(tmp_path / "missing")
-  with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+  with pytest.raises(checkpoint.CheckpointError, match="neither the workdir of a float run"):
     train.init_state(c, model, ds.image_shape, phases[0], jax.random.key(0))
   msq_run = _config(method="msq", num_epochs=1)
   train.train_and_evaluate(msq_run, str(tmp_path / "msq"))
