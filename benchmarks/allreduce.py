@@ -34,21 +34,14 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from benchmarks.step_time import csv_choices  # noqa: E402
+
 METHODS = ("fp", "ste", "csq", "csq_uniform", "bsq", "msq")
 TARGET_RATIO = 1.2  # CSQ all-reduce bytes / FP's, the bound
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 STEPS_PER_EPOCH = 390  # CIFAR-10 at batch 128; only shapes the schedules
-
-
-def _csv(choices):
-  def parse(s):
-    items = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in items if x not in choices]
-    if bad or not items:
-      raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}, got {s!r}")
-    return items
-  return parse
 
 
 def _mesh_arg(s: str):
@@ -64,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices when on CPU (default 8)")
   p.add_argument("--mesh", type=_mesh_arg, default=None, help="mesh axes (default data=<all devices>)")
-  p.add_argument("--methods", type=_csv(METHODS), default=["fp", "csq", "bsq", "msq"],
+  p.add_argument("--methods", type=csv_choices(METHODS), default=["fp", "csq", "bsq", "msq"],
                  help="comma-separated methods (default fp,csq,bsq,msq; fp is always added)")
   p.add_argument("--model", default="resnet20", help="model in csq_jax.models (default resnet20)")
   p.add_argument("--batch_size", type=int, default=128, help="global batch (default 128)")

@@ -73,6 +73,7 @@ from benchmarks.step_time import (
     _mib,
     _ratio,
     _tree_bytes,
+    csv_choices,
     timed_run,
 )
 
@@ -87,23 +88,12 @@ TARGETS = {"msq_params_vs_csq": 1 / 8, "msq_step_vs_fp": 1.15, "csq_step_vs_fp":
 _RESULT_TAG = "METHODS_BENCH_RESULT "
 
 
-def _csv(choices):
-  def parse(s):
-    items = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in items if x not in choices]
-    if bad or not items:
-      raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}; got {s!r}")
-    return items
-
-  return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument("--models", type=_csv(tuple(SETTINGS)), default=list(SETTINGS),
+  p.add_argument("--models", type=csv_choices(tuple(SETTINGS)), default=list(SETTINGS),
                  help="comma-separated models (default resnet20,resnet50)")
-  p.add_argument("--methods", type=_csv(METHODS), default=list(METHODS),
+  p.add_argument("--methods", type=csv_choices(METHODS), default=list(METHODS),
                  help="comma-separated methods (default fp,ste,csq,bsq,msq)")
   p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported (default 10)")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call (default 2)")

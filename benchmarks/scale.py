@@ -39,7 +39,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from benchmarks.step_time import _describe, timed_run  # noqa: E402
+from benchmarks.step_time import _describe, csv_choices, timed_run  # noqa: E402
 
 CONFIGS = {"resnet50": "imagenet_r50", "deit_s": "imagenet_deit_s"}
 METHODS = ("fp", "csq", "msq")
@@ -56,8 +56,8 @@ _TAG = "SCALE_RESULT "
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument("--models", default="resnet50,deit_s")
-  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--models", type=csv_choices(tuple(CONFIGS)), default=list(CONFIGS))
+  p.add_argument("--methods", type=csv_choices(METHODS), default=list(METHODS))
   p.add_argument("--batch", type=int, default=64, help="global batch (a multiple of the device count)")
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--steps", type=int, default=10)
@@ -68,10 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.quick:
     args.batch, args.image_size, args.steps, args.warmup = 2, 64, 2, 1
-  for name, choices in (("models", CONFIGS), ("methods", METHODS)):
-    bad = [x for x in getattr(args, name).split(",") if x not in choices]
-    if bad:
-      p.error(f"--{name}: unknown {bad}; expected a subset of {','.join(choices)}")
   return args
 
 
@@ -144,7 +140,7 @@ def main(argv=None) -> None:
     model_name, method = args.only.split(":")
     print(_TAG + json.dumps(measure(model_name, method, args)), flush=True)
     return
-  rows = [run_child(m, meth, args) for m in args.models.split(",") for meth in args.methods.split(",")]
+  rows = [run_child(m, meth, args) for m in args.models for meth in args.methods]
   print("| model | method | devices | batch | image | step (ms) | images/s | vs FP | GFLOP/step | MFU | trainable params |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:

@@ -85,6 +85,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Child: the measurements, in this (fresh) process.
 
 
+def csv_choices(choices):
+  """argparse type: a comma-separated, non-empty subset of ``choices`` as a list."""
+
+  def parse(s):
+    items = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in items if x not in choices]
+    if bad or not items:
+      raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}; got {s!r}")
+    return items
+
+  return parse
+
+
 def _maxrss_bytes() -> int:
   import resource
 
