@@ -12,8 +12,10 @@ weights from ``model.init``):
     train-mode BN (``mutable=["batch_stats"]``), ``optax.sgd(0.1,
     momentum=0.9)`` update, state (params, BN statistics, momentum) donated.
   * trace: one call of ``hessian.layer_traces_for_model`` with ``--probes``
-    Rademacher probes on one batch of the same examples, over every
-    quantizable kernel: paths ending in ``kernel`` except the float 1x1
+    Rademacher probes (simultaneous Hutchinson; with ``--sketch K``,
+    layerwise Hutch++ with ``K`` sketch vectors and ``--probes`` deflated
+    probes per layer, as MSQ uses it) on one batch of the same examples, over
+    every quantizable kernel: paths ending in ``kernel`` except the float 1x1
     ``shortcut_conv/kernel`` (the 19 3x3 convolutions and the dense head, 20
     layers). The whole call is timed (host work, dispatch, fetch of the
     samples), as a caller sees it.
@@ -29,7 +31,7 @@ On a CPU backend the process CPU time (all threads) is reported likewise; it
 is less disturbed by other processes than the wall time. The target is "MET"
 when the wall-time ratio is <= 10 (the per-round median ratio); it is only
 claimed for what it names: 8 probes, all layers at once (not
-``--layerwise``), on the train step's whole batch.
+``--sketch``), on the train step's whole batch.
 
 ``--trace-batch N`` (< ``--batch``) estimates the traces on the first ``N``
 examples only. That is a different (noisier) estimate of a different loss:
@@ -37,7 +39,7 @@ the script then says so, and the target is never claimed from it.
 
 Usage
   python benchmarks/hessian_cost.py [--batch=128] [--probes=8] [--repeats=5]
-      [--steps=5] [--probe-batch=N] [--trace-batch=N] [--layerwise] [--json]
+      [--steps=5] [--probe-batch=N] [--trace-batch=N] [--sketch=K] [--json]
 
 With ``--json`` the last line of stdout is one JSON object with the results.
 """
@@ -71,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="HVPs vmapped per chunk (default: hessian.default_probe_batch())")
   p.add_argument("--trace-batch", type=int, default=None,
                  help="estimate on the first N examples only (default: --batch; a smaller N never claims the target)")
-  p.add_argument("--layerwise", action="store_true", help="one HVP per probe and layer (20x the HVPs)")
+  p.add_argument("--sketch", type=int, default=0,
+                 help="layerwise Hutch++ with K sketch vectors per layer: 20 * (2K + probes) HVPs (default 0: "
+                      "simultaneous Hutchinson)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", action="store_true", help="end stdout with one JSON object of the results")
   args = p.parse_args(argv)
@@ -125,8 +129,8 @@ def _unclaimed(args: argparse.Namespace) -> str | None:
   """Why the target (8 probes, all layers at once, on the train step's batch) is not claimed; None if it is."""
   if args.trace_batch != args.batch:
     return f"the trace used {args.trace_batch} of the {args.batch} examples"
-  if args.layerwise:
-    return "layerwise probes (one HVP per probe and layer)"
+  if args.sketch:
+    return f"layerwise Hutch++ (sketch {args.sketch}: {2 * args.sketch + args.probes} HVPs per layer)"
   if args.probes != TARGET_PROBES:
     return f"{args.probes} probes, not {TARGET_PROBES}"
   return None
@@ -166,7 +170,7 @@ def measure(args: argparse.Namespace) -> dict:
   def trace():
     return hessian.layer_traces_for_model(model, variables, trace_batches, key, args.probes,
                                           select_fn=quantizable_kernel, probe_batch=args.probe_batch,
-                                          layerwise=args.layerwise)
+                                          sketch=args.sketch)
 
   def train_step():
     nonlocal state
@@ -204,7 +208,7 @@ def measure(args: argparse.Namespace) -> dict:
       "trace_batch": args.trace_batch,
       "probes": args.probes,
       "probe_batch": probe_batch,
-      "layerwise": args.layerwise,
+      "sketch": args.sketch,
       "layers": len(est.mean),
       "layer_paths": list(est.mean),
       "step_first_call_s": step_first_s,
@@ -228,7 +232,7 @@ def report(r: dict) -> str:
   lines = [
       f"device: {r['device']} (jax {r['jax']})",
       f"ResNet-20, batch {r['batch']}, {r['probes']} probes over {r['layers']} layers"
-      f" ({'layerwise, ' if r['layerwise'] else ''}probe_batch {r['probe_batch']})"
+      f" ({'Hutch++ sketch ' + str(r['sketch']) + ', ' if r['sketch'] else ''}probe_batch {r['probe_batch']})"
       + (f", trace on a sub-batch of {r['trace_batch']}" if sub else ""),
       (f"  first calls (with compilation): train step {r['step_first_call_s']:.2f} s,"
        f" trace {r['trace_first_call_s']:.2f} s"),

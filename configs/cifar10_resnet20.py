@@ -15,8 +15,8 @@ are selected the same way (e.g. ``:bsq,t3,runlocal``):
 * ``:bsq`` -- BSQ's reference ResNet-20 setup (its public code): start from
   a float model's 8-bit quantization (``init_from``: the workdir of a
   ``--config.method=fp`` run), 350 epochs, lr 0.1 stepped x0.1 at epoch 250,
-  weight decay 1e-4, alpha 0.01, re-quantization every 100 epochs, threshold
-  0, then 300 finetune epochs at lr 0.01 with the scheme fixed.
+  weight decay 1e-4, alpha 0.01, re-quantization every 50 epochs, threshold
+  0, then 250 finetune epochs at a constant lr 1e-4 with the precision fixed.
 * ``:msq`` -- MSQ (no public code; our choices, documented in
   ``csq_jax/quantizers/msq.py``): 350 epochs, cosine lr 0.1, weight decay
   5e-4, lambda 0.05, LSB sparsity checked every 10 epochs with threshold
@@ -28,12 +28,21 @@ from csq_jax import configlib
 
 
 def bsq_recipe(c):
+  """yanghr/BSQ's README commands, flag by flag. Search (cifar_prune_STE.py):
+  --epochs 350 --lr 0.1 --schedule 250 --gamma 0.1 --wd 1e-4 --decay 0.01
+  --Prun_Int 50 --thre 0.0 --Nbits 8. Finetune (cifar_finetune.py): --epochs
+  250 --lr 0.0001 --schedule 250 --gamma 0.1 --wd 1e-4; its step at epoch 250
+  of 250 never fires, so the finetune learning rate is a constant 1e-4."""
   c.num_epochs = 350
   c.lr_decay = "step"
   c.lr_step_epochs = (250,)
   c.weight_decay = 1e-4
-  c.finetune_epochs = 300
-  c.finetune_learning_rate = 0.01
+  c.bsq_alpha = 0.01
+  c.bsq_requant_every = 50
+  c.bsq_threshold = 0.0
+  c.finetune_epochs = 250
+  c.finetune_learning_rate = 1e-4
+  c.finetune_lr_step_epochs = (250,)
 
 
 def msq_recipe(c):

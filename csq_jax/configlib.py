@@ -46,12 +46,17 @@ def common() -> ml_collections.ConfigDict:
   c.budget_weighting = "params"  # params (paper) | layers (authors' code)
   c.beta0 = 1.0  # initial gate temperature
   c.beta_max = 200.0  # temperature reached at the end of each phase
-  # Bits every CSQ layer keeps when the selection is frozen (finetune) or final:
-  # the budget term can prune a layer's last bit, and a 0-bit layer cuts the
-  # network (0: allow it, as Eq. 7 alone does).
+  # Bits every CSQ layer keeps, enforced after every search step (so the budget
+  # term's Delta_S counts them) and at the freeze: Eq. (7) alone can prune a
+  # layer's last bit, and a 0-bit layer cuts the network (0: allow it).
   c.min_layer_bits = 1
   c.csq_init = "float"  # float: bit planes of the model's (or init_from's) weights; random: random logits
-  c.logit_init = 1.0  # magnitude of the initial bit logits (the authors' code: bits 0/1)
+  # Initial bit logits (csq_init="float"): a set bit starts at logit_init, every
+  # other logit (unset bits, the opposite sign's plane) at csq_off_logit. The
+  # authors' ini2bit: 1 and 0, so undecided bits sit on the gate's boundary
+  # (-logit_init: the symmetric start, every bit decided; measured worse, README).
+  c.logit_init = 1.0
+  c.csq_off_logit = 0.0
   c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary
   c.mask_momentum = 0.9  # SGD momentum of the mask logits (the paper: plain SGD, 0.9)
   # The authors' multi-round recipe (CSQ only): the search split into csq_rounds
@@ -67,18 +72,33 @@ def common() -> ml_collections.ConfigDict:
       (".*shortcut_conv/kernel", "float"),  # 1x1 downsample convs: float, not counted
       (".*kernel", "quantize"),  # every other conv and dense kernel, first and last included
   )
-  # BSQ (method="bsq", ref. [8] of CSQ): group-Lasso strength, re-quantization
-  # period (epochs) and LSB-plane threshold; see configs/default.py.
+  # BSQ (method="bsq", ref. [8] of CSQ; yanghr/BSQ's flags in brackets).
+  # bsq_alpha [--decay]: group-Lasso strength; each layer's Lasso is weighted
+  # by N_l n_l / sum_k N_k (its weights times its bits over the counted
+  # weights), as the authors' code, so alpha means what their --decay means.
+  # bsq_requant_every [--Prun_Int]: epochs between re-quantizations.
+  # bsq_threshold [--thre / 100]: a *fraction* of non-zero weights (theirs is
+  # a percentage); an LSB plane at or below it is dropped, an MSB plane below
+  # it dropped with saturation; 0 drops all-zero planes only.
   c.bsq_alpha = 0.01
-  c.bsq_requant_every = 100
+  c.bsq_requant_every = 50
   c.bsq_threshold = 0.0
   # MSQ (method="msq"): L1 on LSBs, pruning period and sparsity threshold,
-  # Hessian-aware k (Hutchinson probes on training batches).
+  # Hessian-aware k from per-layer traces on training batches: layerwise
+  # Hutch++ (hessian.hutchpp_trace) with msq_hessian_sketch sketch vectors and
+  # msq_hessian_probes deflated probes per layer (L * (2 sketch + probes)
+  # Hessian-vector products; sketch 0: simultaneous Hutchinson, one HVP per
+  # probe, far noisier); k = 2 only for layers below the mean sensitivity by
+  # msq_hessian_z standard errors (0: the paper's plain "below the mean");
+  # layers within that margin get more probes, up to msq_hessian_max_probes.
   c.msq_lambda = 0.05
   c.msq_prune_every = 10
   c.msq_threshold = 0.6
   c.msq_hessian = True
+  c.msq_hessian_sketch = 8
   c.msq_hessian_probes = 8
+  c.msq_hessian_z = 3.0
+  c.msq_hessian_max_probes = 32
   c.msq_hessian_batches = 2
   c.budget_tolerance = 0.25  # BSQ/MSQ: how far below the target whole-bit steps may go
   c.act_bits = 32  # A-bits: 32 = float activations

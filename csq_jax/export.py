@@ -26,8 +26,8 @@ plane selected) is all zeros and takes no bits.
 CSQ's signed digits can leave that grid: a weight with digit ``+1`` at one
 selected plane and ``-1`` at another sums to a value between the place values
 when the selected planes are not contiguous (e.g. ``2^5 - 2^0 = 31`` with
-planes {0, 5, 6, 7}), which no ``b_l + 1``-bit code of the layer's grid holds;
-so does a BSQ sum above ``2^n - 1`` between re-quantizations. Such weights
+planes {0, 5, 6, 7}), which no ``b_l + 1``-bit code of the layer's grid holds
+(BSQ's integers are clamped to ``2^n - 1``, so BSQ never escapes). Such weights
 (at most 0.2% of the weights in the default job's CSQ runs) are escaped and
 stored exactly in a short side stream, the only excess over the theoretical
 size besides the header.
@@ -103,8 +103,8 @@ def encode_integers(q: np.ndarray, places) -> tuple[bytes, dict[str, Any]]:
   ``p`` in ``places`` (``0..n-1`` for an ``n``-bit layer; a CSQ layer's
   selected planes): each integer is coded in ``width = len(places) + 1`` bits,
   one per place then the sign. An integer off that grid (a CSQ weight whose
-  digits of opposite signs sum to a value between non-contiguous places, a
-  BSQ sum above ``2^n - 1`` between re-quantizations) is coded as the unused
+  digits of opposite signs sum to a value between non-contiguous places) is
+  coded as the unused
   "negative zero" (sign 1, magnitude 0) and stored, in order, in an escape
   stream of plain sign-magnitude integers of ``escape_width`` bits.
 
@@ -183,14 +183,19 @@ def _hard_weights(params):
   return transform.materialize(params, None, hard=True)
 
 
-def _step_for(leaf, q: np.ndarray, weight: np.ndarray) -> np.float32:
-  """The float32 step with ``step * q == weight`` exactly (see the module docstring)."""
-  qf = q.astype(np.float32)
+def _step_for(leaf, q: np.ndarray, weight: np.ndarray) -> tuple[np.float32, np.ndarray]:
+  """``(step, q)`` with ``step * q == weight`` exactly (see the module docstring).
+
+  ``q`` is the quantizer's ``integer_weights``, or, where a weight sits on a
+  rounding tie that the jitted ``materialize`` resolved the other way (XLA
+  rewrites ``x / s`` as ``x * (1/s)``; seen in 3 of DeiT-S's 50 STE layers),
+  ``rint(weight / step)``: the integers of the weights the run evaluated."""
   candidates = (jax.jit(quantizers.step_size)(leaf), quantizers.step_size(leaf))
   for step in candidates:
     step = np.float32(_host(step))
-    if np.array_equal(step * qf, weight):
-      return step
+    for ints in (q, np.rint(weight / step).astype(np.int64) if step else q):
+      if np.array_equal(step * ints.astype(np.float32), weight) and np.abs(ints - q).max(initial=0) <= 1:
+        return step, ints
   raise ExportError(
       f"A {type(leaf).__name__} layer's hard weights are not its step times its integers;"
       " it is not exactly quantized (finalize the method's parameters before exporting)."
@@ -222,17 +227,44 @@ def _exact_float(x: np.float32) -> float:
 
 def encode(params: Any, batch_stats: Any, meta: dict[str, Any]) -> bytes:
   """The bytes of a ``.csqx`` file (see ``docs/export_format.md``)."""
+  return _encode(params, batch_stats, meta)[0]
+
+
+def storage(layers: list[dict[str, Any]]) -> dict[str, Any]:
+  """What the export really stores per weight, next to the counted precision.
+
+  The budget counts a layer's selected planes ``b`` (the paper's precision);
+  its integers need a sign on top (``b + 1`` bits), and a CSQ layer whose
+  selected planes are not contiguous holds signed-digit sums between its
+  place values (up to ``3^b`` levels: 9 for 2 planes), escaped into a side
+  stream. ``export_layer_bits`` is each layer's stored bits per weight (main
+  and escape streams), ``export_bits_per_weight`` their weight-count-weighted
+  average, ``export_layer_levels`` the distinct integers of each layer.
+  """
+  count = {l["name"]: int(np.prod(l["shape"])) for l in layers}
+  stored = {l["name"]: count[l["name"]] * l["width"] + l["escapes"] * l["escape_width"] for l in layers}
+  total = sum(count.values())
+  return {
+      "export_bits_per_weight": sum(stored.values()) / total if total else None,
+      "export_layer_bits": {n.removeprefix("params/"): stored[n] / count[n] for n in stored},
+      "export_layer_levels": {l["name"].removeprefix("params/"): l["levels"] for l in layers},
+  }
+
+
+def _encode(params: Any, batch_stats: Any, meta: dict[str, Any]) -> tuple[bytes, list[dict[str, Any]]]:
+  """``(the file's bytes, its layer table with each layer's number of levels)``."""
   weight_of = dict(_float_entries("params", _hard_weights(params)))
   floats = _float_entries("params", params) + _float_entries("batch_stats", batch_stats or {})
   chunks = [np.concatenate([_host(x).astype("<f4").reshape(-1) for _, x in floats] or [np.zeros(0, "<f4")]).tobytes()]
-  layers = []
+  layers, levels = [], []
   for path, leaf in transform.quantized_leaves(params).items():
     name = f"params/{path}"
     bits = int(_host(quantizers.precision(leaf)))
     q = _host(quantizers.integer_weights(leaf)).astype(np.int64)
-    step = _step_for(leaf, q, _host(weight_of[name]))
+    step, q = _step_for(leaf, q, _host(weight_of[name]))
     packed, code = encode_integers(q, grid_places(leaf))
     layers.append({"name": name, "shape": list(q.shape), "bits": bits, **code, "step": _exact_float(step)})
+    levels.append(int(np.unique(q).size))
     chunks.append(packed)
   data = b"".join(chunks)
   header = {
@@ -243,7 +275,8 @@ def encode(params: Any, batch_stats: Any, meta: dict[str, Any]) -> bytes:
       "data_crc32": zlib.crc32(data),
   }
   packed_header = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-  return _PREFIX.pack(MAGIC, VERSION, len(packed_header)) + packed_header + data
+  blob = _PREFIX.pack(MAGIC, VERSION, len(packed_header)) + packed_header + data
+  return blob, [{**l, "levels": n} for l, n in zip(layers, levels)]
 
 
 def export_model(path: str, params: Any, batch_stats: Any, meta: dict[str, Any]) -> dict[str, Any]:
@@ -261,16 +294,18 @@ def export_model(path: str, params: Any, batch_stats: Any, meta: dict[str, Any])
 
   Returns:
     ``{"export_bytes", "export_theoretical_bytes"}``: the file's size and the
-    theoretical size of the module docstring, in bytes.
+    theoretical size of the module docstring, in bytes, and the stored bits
+    per weight of ``storage``.
   """
-  blob = encode(params, batch_stats, meta)
+  blob, layers = _encode(params, batch_stats, meta)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
       f.write(blob)
     os.replace(tmp, path)
-  return {"export_bytes": len(blob), "export_theoretical_bytes": theoretical_bits(params, batch_stats) / 8.0}
+  return {"export_bytes": len(blob), "export_theoretical_bytes": theoretical_bits(params, batch_stats) / 8.0,
+          **storage(layers)}
 
 
 def run_meta(config, num_classes: int, image_shape, test_accuracy: float | None = None) -> dict[str, Any]:

@@ -5,6 +5,18 @@ bit is used at all -- with the temperature sigmoid of Eq. (2),
 ``f_beta(x) = sigmoid(beta * x)``, which tends to the unit step ``I(x >= 0)``
 as ``beta -> inf``. The temperature grows exponentially over training:
 ``beta(t) = beta0 * beta_max ** (t / T)`` (Algorithm 1).
+
+The step at exactly 0. The sigmoid is 1/2 there, so the limit leaves the
+value at 0 open, and the two hard gates settle it differently:
+
+* a bit *value* (``m_p``, ``m_n``) is on when its logit is positive,
+  ``I(x > 0)`` (:func:`hard_bit`), as in the authors' ``ticket`` path
+  (``(weight > 0).float()``): their ``ini2bit`` starts a set bit at 1 and
+  every other logit at exactly 0, which must read as an unset bit so that the
+  hard model at initialization is the rounded kernel;
+* a bit *selection* (``m_B``) is on at 0, ``I(x >= 0)`` (:func:`hard_gate`):
+  the masks start at 0 (the authors' ``mask_initial_value``) and every bit is
+  used until the budget term moves them.
 """
 
 from __future__ import annotations
@@ -19,8 +31,15 @@ def soft_gate(logits: jax.Array, beta: jax.Array | float) -> jax.Array:
 
 
 def hard_gate(logits: jax.Array) -> jax.Array:
-  """Unit step ``I(x >= 0)``, the limit of :func:`soft_gate`; same dtype as ``logits``."""
+  """Selection step ``I(x >= 0)``, the limit of :func:`soft_gate` with the
+  boundary selected; same dtype as ``logits``."""
   return (logits >= 0).astype(logits.dtype)
+
+
+def hard_bit(logits: jax.Array) -> jax.Array:
+  """Bit-value step ``I(x > 0)``, the limit of :func:`soft_gate` with the
+  boundary unset (see the module docstring); same dtype as ``logits``."""
+  return (logits > 0).astype(logits.dtype)
 
 
 def gate(logits: jax.Array, beta: jax.Array | float, hard: bool = False) -> jax.Array:

@@ -1,55 +1,62 @@
-"""Per-layer Hessian traces by Hutchinson's estimator, for MSQ's LSB pruning.
+"""Per-layer Hessian traces (Hutchinson, Hutch++), for MSQ's LSB pruning.
 
 MSQ (Han et al.) chooses how many least significant bits to prune from each
 layer by a Hessian-aware sensitivity, as in HAWQ-V2 (Dong et al. 2020):
 
     Omega_l = Tr(H_l) * ||W_n^(l) - W^(l)||_2,
 
-where ``H_l`` is the diagonal block of the loss Hessian belonging to layer
-``l``'s kernel ``W^(l)`` and ``W_n^(l)`` the kernel with ``n`` LSBs pruned.
-This module estimates every ``Tr(H_l)`` without forming any Hessian.
+where ``H_l = H_ll`` is the diagonal block of the loss Hessian belonging to
+layer ``l``'s kernel ``W^(l)``. This module estimates every ``Tr(H_ll)``
+from Hessian-vector products, without forming any Hessian.
 
-Hutchinson (1989): for a random vector ``v`` with independent Rademacher
-(+-1) entries, ``E[v^T A v] = Tr(A)``. Split ``v = (v_1, ..., v_L)`` by layer
-(one block per selected parameter leaf) and take the block of a full
-Hessian-vector product,
+Hutchinson (1989): for ``v`` with independent Rademacher (+-1) entries,
+``E[v^T A v] = Tr(A)``, ``Var[v^T A v] = 2 sum_{i != j} A_ij^2``.
 
-    v_l . (H v)_l = v_l^T H_ll v_l + sum_{m != l} v_l^T H_lm v_m.
+``hutchinson_trace`` (simultaneous): split one probe ``v = (v_1, ..., v_L)``
+by layer and take the block of one full product ``H v``,
 
-The blocks are independent with ``E[v_l v_m^T] = 0`` for ``m != l``, so every
-cross term has expectation zero and ``E[v_l . (H v)_l] = Tr(H_ll)``: *one*
-Hessian-vector product per probe, over all layers at once, gives an unbiased
-estimate of every layer's block trace. The price is variance, not bias:
+    v_l . (H v)_l = v_l^T H_ll v_l + sum_{m != l} v_l^T H_lm v_m,
 
-    Var[v_l . (H v)_l] = 2 sum_{i != j in l} (H_ll)_ij^2 + sum_{m != l} ||H_lm||_F^2,
+whose cross terms have mean zero: one HVP per probe estimates every block
+trace, without bias but with the extra variance ``sum_{m != l}
+||H_lm||_F^2``, large for a layer whose trace is a small share of the whole.
 
-A Hessian whose blocks are diagonal gives the exact trace from every single
-probe. The second sum is the cost of sharing probes: for a Hessian of
-effective rank ``r`` it is about ``Tr(H_ll) (Tr(H) - Tr(H_ll)) / r``, so
-a layer whose trace is a small share of the whole gets a large relative
-error (in a ReLU network with eval-mode BN ``H_ll`` is the PSD Gauss-Newton
-block, but the cross blocks also carry the indefinite residual term, which
-is large at initialization or with wrong labels). ``layerwise=True`` probes
-each layer in its own HVP instead (``L`` HVPs per probe) and leaves only the
-first sum. ``TraceEstimate.stderr`` reports the sample standard error, so
-callers see how many probes their model needs
-(``hutchinson_trace_until_converged`` adds probes until it is small enough).
+``hutchpp_trace`` (layerwise Hutch++, Meyer et al. 2021, applied to each
+block ``A = H_ll`` with products restricted to layer ``l``): with ``k``
+Rademacher sketch vectors ``S`` and ``Q = orth(A S)`` (``n_l x k``),
+
+    Tr(A) = Tr(Q^T A Q) + Tr((I - Q Q^T) A (I - Q Q^T)),
+
+the first term exact from ``A Q`` (``k`` HVPs), the second estimated by
+Hutchinson with ``m`` deflated probes ``g' = (I - Q Q^T) g``:
+
+    t_l = sum_i q_i^T A q_i + (1/m) sum_j g'_j^T A g'_j,    E[t_l | Q] = Tr(A),
+
+standard error ``std_j(g'_j^T A g'_j) / sqrt(m)``. No cross-block variance,
+and the dominant eigen-directions, which carry most of a trained network's
+block trace and nearly all of Hutchinson's variance, are taken exactly: on
+the default job (small CNN, digits) the top 3 Ritz values of a conv block
+hold ~75% of its trace, and 24 HVPs per layer gave a 2-3% relative standard
+error by Hutch++ against 12-14% by layerwise Hutchinson and ~20% (up to
+100% for the small layers) by 24 simultaneous probes. A layer with
+``n_l <= k`` weights gets its exact trace (``Q`` spans the block). Cost:
+``L (2k + m)`` HVPs in two rounds (``A S``, then ``A Q`` and ``A g'``).
 
 Hessian-vector products are forward-over-reverse,
 ``jax.jvp(jax.grad(loss), (params,), (v,))``, evaluated as
-``jax.linearize(jax.grad(loss), params)`` applied to each probe: the primal
-part of that pass (the loss's forward and backward pass) runs once per
-compiled program, and only the tangent part once per probe (for ResNet-20 on
-CPU, about one SGD train step). Probes are generated inside the compiled
-program (never materialized all at once) and vmapped over the probe axis in
-chunks of ``probe_batch`` HVPs, which bounds memory; a program runs
-``max(1, HVPS_PER_PROGRAM // probe_batch)`` chunks behind one linearization,
-and a host loop dispatches the programs (asynchronously) and fetches the
-results once.
+``jax.linearize(jax.grad(loss), params)`` applied to each vector: the
+primal part (the loss's forward and backward pass) runs once per compiled
+program and only the tangent part once per vector. A program runs
+``max(1, HVPS_PER_PROGRAM // probe_batch)`` chunks of ``probe_batch`` HVPs
+(vmapped within a chunk) behind one linearization; a host loop dispatches
+the programs asynchronously and fetches the results once. The layerwise
+products of all layers share one compiled program (the layer is a traced
+index), and every round is padded to whole programs, so a model compiles
+it once.
 
-Probe ``i`` is drawn from ``jax.random.fold_in(key, i)``: results do not
-depend on ``probe_batch``, and an estimate grown batch by batch equals the
-one computed in one call with the same key and total probe count.
+Probe ``i`` of ``hutchinson_trace`` is drawn from ``jax.random.fold_in(key,
+i)``, so results do not depend on ``probe_batch``; ``hutchpp_trace`` draws
+layer ``l``'s sketch and probes from ``fold_in(key, l)``.
 
 Everything here is a pure function of its arguments. Compiled programs are
 cached by ``jax.jit`` keyed on the identity (or, for hashable callables,
@@ -61,6 +68,8 @@ References:
   M. F. Hutchinson, "A stochastic estimator of the trace of the influence
     matrix for Laplacian smoothing splines", Comm. Statist. Simulation
     Comput. 18(3), 1989.
+  R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, "Hutch++: Optimal
+    Stochastic Trace Estimation", SOSA 2021.
   Z. Dong et al., "HAWQ-V2: Hessian Aware trace-Weighted Quantization of
     Neural Networks", NeurIPS 2020.
   S. Han et al., "MSQ: Memory-Efficient Bit Sparsification Quantization".
@@ -96,31 +105,29 @@ def default_probe_batch() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class TraceEstimate:
-  """Per-layer Hutchinson estimates of ``Tr(H_l)``.
+  """Per-layer estimates of ``Tr(H_ll)``.
 
   Attributes:
-    mean: ``{path: float}``, the estimate of each selected leaf's block trace
-      (sample mean over the probes), in parameter-tree flatten order.
+    mean: ``{path: float}``, each selected leaf's block-trace estimate (the
+      mean of its ``samples``), in parameter-tree flatten order.
     stderr: ``{path: float}``, the standard error of ``mean`` (sample
-      standard deviation, ``ddof=1``, over ``sqrt(num_probes)``); ``inf``
-      with a single probe.
-    num_probes: number of probes ``P`` behind every estimate.
-    samples: ``{path: np.ndarray of shape (P,)}``, the per-probe values
-      ``v_l . (H v)_l`` whose mean is ``mean``.
+      standard deviation, ``ddof=1``, over the square root of the number of
+      samples); 0 for an exact trace (Hutch++ of a layer of at most
+      ``sketch`` weights), ``inf`` from a single random sample.
+    num_probes: random probes per layer (Hutchinson's ``P``, Hutch++'s
+      deflated ``m``).
+    sketch: Hutch++'s sketch size ``k`` per layer; 0 for Hutchinson.
+    samples: ``{path: np.ndarray}``, per-probe values whose mean is
+      ``mean``: Hutchinson's ``v_l . (H v)_l``; Hutch++'s
+      ``Tr(Q^T H_ll Q) + g'^T H_ll g'`` (one value, the exact trace, for a
+      layer of at most ``sketch`` weights).
   """
 
   mean: dict[str, float]
   stderr: dict[str, float]
   num_probes: int
+  sketch: int = 0
   samples: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
-
-  def relative_stderr(self) -> dict[str, float]:
-    """``{path: stderr / |mean|}``; 0 where the stderr is 0 (exact), inf where the mean is 0."""
-    out = {}
-    for p, m in self.mean.items():
-      s = self.stderr[p]
-      out[p] = 0.0 if s == 0.0 else (s / abs(m) if m != 0.0 else math.inf)
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -139,7 +146,7 @@ def _selection(params: Any, select: Callable[[str], bool] | None):
   sel = tuple(i for i, (p, x) in enumerate(zip(paths, leaves))
               if _is_float(x) and (select is None or select(p)))
   if not sel:
-    raise ValueError("hutchinson_trace: no floating-point parameter leaf is selected.")
+    raise ValueError("hessian: no floating-point parameter leaf is selected.")
   return paths, leaves, treedef, sel
 
 
@@ -174,11 +181,6 @@ def _probe(key, index, selected):
   return probes
 
 
-def _block_forms(probes, hv):
-  """``[L]`` float32: ``v_l . (H v)_l`` for one probe ``v`` and its product ``H v`` (lists like ``selected``)."""
-  return jnp.stack([jnp.sum(v.astype(jnp.float32) * h.astype(jnp.float32)) for v, h in zip(probes, hv)])
-
-
 def _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args):
   """``(selected leaves, v -> H v)``: the gradient of the restricted loss, linearized once.
 
@@ -187,7 +189,7 @@ def _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args):
   (the loss's forward and backward pass and every residual the tangents
   need) is evaluated once, and the returned linear function is only the
   tangent part, so every Hessian-vector product after the first costs the
-  tangent pass alone. The same products, up to float rounding.
+  tangent pass alone.
   """
   selected = [leaves[i] for i in sel]
   grad_f = jax.grad(_restricted_loss(loss_fn, treedef, sel, leaves, loss_args))
@@ -209,96 +211,89 @@ def _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args):
 HVPS_PER_PROGRAM = 8
 
 
-def _rows(a, start, stop):
-  return a[start:stop]
-
-
-@functools.partial(jax.jit, static_argnames=("loss_fn", "treedef", "sel", "chunk"))
-def _program_samples(loss_fn, treedef, sel, leaves, loss_args, key, probe_index, layer_index, chunk):
-  """Hessian-vector products behind one linearization, in unrolled chunks of ``chunk``.
-
-  Args:
-    probe_index: ``[N]`` uint32, the probe of each HVP.
-    layer_index: ``None`` (simultaneous: ``[N, L]`` samples, every layer of
-      each probe) or ``[N]`` int32 (layerwise: probe restricted to that
-      layer, ``[N]`` samples of that layer).
-    chunk: HVPs vmapped together (``1``: one by one, no batched
-      convolutions); the last chunk may be shorter.
-  """
-  selected, hvp = _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args)
-
-  if layer_index is None:
-    def one(i):
-      v = _probe(key, i, selected)
-      return _block_forms(v, hvp(v))
-
-    xs = probe_index
-  else:
-    # Probe i restricted to layer l (every other block zero): all pairs share
-    # one compiled HVP (the layer is a traced index), and layer l's block of
-    # probe i is the same v_l as in the simultaneous estimator.
-    def one(il):
-      i, l = il
-      v = [jnp.where(l == j, x, jnp.zeros_like(x)) for j, x in enumerate(_probe(key, i, selected))]
-      return _block_forms(v, hvp(v))[l]  # the other entries are zero
-
-    xs = (probe_index, layer_index)
-  n = probe_index.shape[0]
+def _chunked(one, xs, n, chunk):
+  """``one`` over the leading axis of the arrays ``xs`` (length ``n``), in
+  unrolled chunks of ``chunk`` (vmapped when longer than 1)."""
   out = []
   for start in range(0, n, chunk):
-    part = jax.tree_util.tree_map(functools.partial(_rows, start=start, stop=min(start + chunk, n)), xs)
+    part = jax.tree_util.tree_map(lambda a: a[start:min(start + chunk, n)], xs)
     if min(chunk, n - start) == 1:  # no batched (vmapped) convolutions to compile
-      out.append(one(jax.tree_util.tree_map(lambda a: a[0], part))[None])
+      out.append(one(*jax.tree_util.tree_map(lambda a: a[0], part))[None])
     else:
-      out.append(jax.vmap(one)(part))
+      out.append(jax.vmap(one)(*part))
   return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
-def _sample_batch(loss_fn, params, key, num_probes, select, probe_batch, loss_args, layerwise, start=0):
-  """``(paths of the selected leaves, np.ndarray [num_probes, L])`` for probes
-  ``start .. start + num_probes - 1``.
-
-  The HVPs (one per probe, or per probe and layer) run in programs of
-  ``max(1, HVPS_PER_PROGRAM // probe_batch)`` chunks of ``probe_batch``, each
-  program linearizing the gradient once; a host loop dispatches the programs
-  asynchronously and fetches the results once. A shorter last program
-  compiles once more.
-  """
-  if num_probes < 1:
-    raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+def _per_program(probe_batch):
   if probe_batch is None:
     probe_batch = default_probe_batch()
   if probe_batch < 1:
     raise ValueError(f"probe_batch must be >= 1, got {probe_batch}.")
-  paths, leaves, treedef, sel = _selection(params, select)
-  num_layers = len(sel)
-  probes = np.arange(start, start + num_probes, dtype=np.uint32)
-  if layerwise:
-    probe_index = np.repeat(probes, num_layers)
-    layer_index = np.tile(np.arange(num_layers, dtype=np.int32), num_probes)
-  else:
-    probe_index, layer_index = probes, None
-  loss_args = tuple(loss_args)
-  per_program = probe_batch * max(1, HVPS_PER_PROGRAM // probe_batch)
-  parts = []
-  for c in range(0, len(probe_index), per_program):
-    part_layers = None if layer_index is None else layer_index[c:c + per_program]
-    parts.append(_program_samples(loss_fn, treedef, sel, leaves, loss_args, key,
-                                  probe_index[c:c + per_program], part_layers, chunk=probe_batch))
-  samples = np.concatenate([np.asarray(x, np.float64) for x in jax.device_get(parts)])
-  return [paths[i] for i in sel], samples.reshape(num_probes, num_layers)
+  return probe_batch, probe_batch * max(1, HVPS_PER_PROGRAM // probe_batch)
 
 
-def _summarize(paths: Sequence[str], samples: np.ndarray) -> TraceEstimate:
-  n = samples.shape[0]
-  mean = samples.mean(axis=0)
-  stderr = samples.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.full(len(paths), np.inf)
-  return TraceEstimate(
-      mean={p: float(m) for p, m in zip(paths, mean)},
-      stderr={p: float(s) for p, s in zip(paths, stderr)},
-      num_probes=n,
-      samples={p: samples[:, j].copy() for j, p in enumerate(paths)},
-  )
+@functools.partial(jax.jit, static_argnames=("loss_fn", "treedef", "sel", "chunk"))
+def _simultaneous_program(loss_fn, treedef, sel, leaves, loss_args, key, probe_index, chunk):
+  """``[N, L]`` float32: ``v_l . (H v)_l`` of probes ``probe_index`` ``[N]``, behind one linearization."""
+  selected, hvp = _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args)
+
+  def one(i):
+    v = _probe(key, i, selected)
+    return jnp.stack([jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32)) for a, b in zip(v, hvp(v))])
+
+  return _chunked(one, (probe_index,), probe_index.shape[0], chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "treedef", "sel", "chunk"))
+def _layer_program(loss_fn, treedef, sel, leaves, loss_args, vectors, layer_index, chunk):
+  """``[N, W]``: ``H_ll v`` for ``v = vectors[j, :n_l]`` on layer ``l = layer_index[j]``.
+
+  Each row of ``vectors`` ``[N, W]`` (``W`` the largest selected leaf size)
+  holds one layer's flattened vector, zero-padded; the tangent is that vector
+  on its layer and zero elsewhere, and the result is the same layer's block
+  of the product, zero-padded. One program serves every layer: ``l`` is a
+  traced index.
+  """
+  selected, hvp = _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args)
+  width = vectors.shape[1]
+
+  def one(v, l):
+    tangent = [jnp.where(l == j, v[:x.size].reshape(x.shape).astype(x.dtype), jnp.zeros_like(x))
+               for j, x in enumerate(selected)]
+    out = jnp.zeros((width,), vectors.dtype)
+    for j, h in enumerate(hvp(tangent)):
+      out = jnp.where(l == j, jnp.pad(h.reshape(-1).astype(vectors.dtype), (0, width - h.size)), out)
+    return out
+
+  return _chunked(one, (vectors, layer_index), vectors.shape[0], chunk)
+
+
+def _layer_products(loss_fn, treedef, sel, leaves, loss_args, vectors, layer_index, probe_batch):
+  """``np.ndarray [N, W]`` (float64) of ``_layer_program`` over all rows,
+  in whole programs (the last one padded with zero vectors, so that one
+  compilation serves every round)."""
+  chunk, per_program = _per_program(probe_batch)
+  n = vectors.shape[0]
+  pad = -n % per_program
+  vectors = np.concatenate([vectors, np.zeros((pad, vectors.shape[1]), vectors.dtype)])
+  layer_index = np.concatenate([layer_index, np.zeros(pad, np.int32)]).astype(np.int32)
+  parts = [_layer_program(loss_fn, treedef, sel, leaves, loss_args, vectors[c:c + per_program],
+                          layer_index[c:c + per_program], chunk=chunk)
+           for c in range(0, len(vectors), per_program)]
+  return np.concatenate([np.asarray(x, np.float64) for x in jax.device_get(parts)])[:n]
+
+
+def _summarize(paths: Sequence[str], samples: Sequence[np.ndarray], num_probes: int, sketch: int = 0,
+               exact: Sequence[bool] = ()) -> TraceEstimate:
+  mean, stderr = {}, {}
+  for j, (p, s) in enumerate(zip(paths, samples)):
+    mean[p] = float(np.mean(s))
+    if exact and exact[j]:
+      stderr[p] = 0.0
+    else:
+      stderr[p] = float(np.std(s, ddof=1) / math.sqrt(len(s))) if len(s) > 1 else math.inf
+  return TraceEstimate(mean=mean, stderr=stderr, num_probes=num_probes, sketch=sketch,
+                       samples={p: np.array(s, np.float64) for p, s in zip(paths, samples)})
 
 
 # ----------------------------------------------------------------------------
@@ -313,9 +308,8 @@ def hutchinson_trace(
     select: Callable[[str], bool] | None = None,
     probe_batch: int | None = None,
     loss_args: Sequence[Any] = (),
-    layerwise: bool = False,
 ) -> TraceEstimate:
-  """Hutchinson estimates of every selected leaf's Hessian block trace.
+  """Simultaneous Hutchinson estimates of every selected leaf's block trace.
 
   Args:
     loss_fn: scalar loss, ``loss_fn(params, *loss_args) -> []``; twice
@@ -324,137 +318,133 @@ def hutchinson_trace(
       materialize quantizer parameters first). A leaf of shape ``S_l`` owns
       the ``prod(S_l) x prod(S_l)`` block ``H_ll``.
     key: PRNG key; probe ``i`` uses ``fold_in(key, i)``.
-    num_probes: number of Rademacher probes ``P``; the cost is ``P``
-      forward-over-reverse Hessian-vector products, whatever the number of
-      layers, sharing their primal pass (see the module docstring): for
-      ResNet-20 on CPU (batch 128) about 0.5 SGD train steps per program and
-      1 per probe, 8 probes about 8 train steps
-      (``benchmarks/hessian_cost.py``).
+    num_probes: Rademacher probes ``P``: ``P`` Hessian-vector products,
+      whatever the number of layers (for ResNet-20 on CPU, batch 128, about
+      one SGD train step each, ``benchmarks/hessian_cost.py``).
     select: ``select(path) -> bool`` on the ``/``-joined leaf path
       (``transform.path_str``); ``None`` probes every floating-point leaf.
       Unselected leaves are held fixed (not differentiated).
-    probe_batch: Hessian-vector products vmapped together per chunk; peak
-      memory grows about linearly with it (and with the number of chunks
-      per program, ``HVPS_PER_PROGRAM // probe_batch``). ``1`` runs them one
-      by one, 8 to a program; ``None``: ``default_probe_batch()``.
+    probe_batch: HVPs vmapped together per chunk (memory grows about
+      linearly with it); ``None``: ``default_probe_batch()``.
     loss_args: extra (traced) arguments of ``loss_fn``, e.g. a data batch.
-    layerwise: ``False`` (default): one HVP per probe, all layers at once
-      (cross-block terms add variance, see the module docstring). ``True``:
-      one HVP per probe *and layer*, the probe restricted to that layer, so
-      the variance is only ``2 sum_{i != j} (H_ll)_ij^2``; ``L`` times the
-      cost per probe, but far fewer probes for layers whose trace is small
-      next to the whole Hessian's (those the simultaneous estimate gets
-      wrong first).
 
   Returns:
     ``TraceEstimate`` with ``mean[path]`` ~ ``Tr(H_ll)``, its ``stderr`` and
-    the ``[P]`` per-probe samples of each selected leaf.
+    the ``[P]`` per-probe samples ``v_l . (H v)_l`` (cross-block terms add
+    variance, see the module docstring; ``hutchpp_trace`` has none).
   """
-  paths, samples = _sample_batch(loss_fn, params, key, num_probes, select, probe_batch, loss_args, layerwise)
-  return _summarize(paths, samples)
+  if num_probes < 1:
+    raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+  paths, leaves, treedef, sel = _selection(params, select)
+  chunk, per_program = _per_program(probe_batch)
+  probes = np.arange(num_probes, dtype=np.uint32)
+  loss_args = tuple(loss_args)
+  parts = [_simultaneous_program(loss_fn, treedef, sel, leaves, loss_args, key, probes[c:c + per_program],
+                                 chunk=chunk) for c in range(0, num_probes, per_program)]
+  samples = np.concatenate([np.asarray(x, np.float64) for x in jax.device_get(parts)])
+  return _summarize([paths[i] for i in sel], list(samples.T), num_probes)
 
 
-def hutchinson_trace_until_converged(
+def hutchpp_trace(
     loss_fn: Callable[..., jax.Array],
     params: Any,
     key: jax.Array,
-    max_probes: int,
-    tol: float,
-    probe_batch: int | None = None,
+    sketch: int,
+    num_probes: int,
     select: Callable[[str], bool] | None = None,
+    probe_batch: int | None = None,
     loss_args: Sequence[Any] = (),
-    min_probes: int = 2,
-    layerwise: bool = False,
+    refine: Callable[[TraceEstimate], Sequence[str]] | None = None,
+    max_probes: int | None = None,
 ) -> TraceEstimate:
-  """Add batches of ``probe_batch`` probes until every layer is accurate to ``tol``.
+  """Layerwise Hutch++ estimates of every selected leaf's block trace ``Tr(H_ll)``.
 
-  Stops as soon as at least ``min_probes`` (>= 2, for a standard error) have
-  been drawn and every selected leaf's relative standard error
-  ``stderr / |mean|`` is below ``tol`` (a zero stderr counts as converged),
-  or when ``max_probes`` probes have been drawn (the last batch is cut
-  short so that exactly ``max_probes`` are used). Probes are indexed as in
-  ``hutchinson_trace``, so the result equals ``hutchinson_trace`` with the
-  same key and the returned ``num_probes``.
+  For each layer ``l`` (``A = H_ll``, ``n_l`` weights, ``k = min(sketch,
+  n_l)``): ``Q = orth(A S)`` for ``k`` Rademacher vectors ``S``, then
+
+      t_l = sum_i q_i^T A q_i + (1/m) sum_j g'_j^T A g'_j,  g'_j = (I - Q Q^T) g_j,
+
+  with ``m = num_probes`` Rademacher ``g_j``; unbiased given ``Q`` (see the
+  module docstring). Every product is restricted to one layer (no
+  cross-block variance). QR and the projections run on the host in float64;
+  a layer with ``n_l <= sketch`` gets its exact trace and no probes.
 
   Args:
-    loss_fn, params, key, select, loss_args, layerwise: as in
+    loss_fn, params, select, probe_batch, loss_args: as in
       ``hutchinson_trace``.
-    max_probes: the most probes to draw.
-    tol: target relative standard error, e.g. ``0.05``.
-    probe_batch: probes per batch (and HVPs per vmapped chunk); ``None``:
-      ``default_probe_batch()``.
-    min_probes: the fewest probes to draw before testing convergence.
+    key: PRNG key; layer ``l`` (in selection order) draws ``S`` and ``g``
+      from ``fold_in(key, l)``.
+    sketch: ``k >= 1``, sketch vectors per layer.
+    num_probes: ``m >= 2``, deflated Hutchinson probes per layer.
+    refine: optional ``refine(estimate) -> paths``: after the first
+      estimate, each path it returns gets ``num_probes`` more deflated
+      probes (same ``Q``; round ``r`` draws from ``fold_in(fold_in(key, l),
+      r)``), and ``refine`` is asked again, until it returns none or those
+      layers hold ``max_probes`` probes. For spending HVPs only on the
+      layers whose estimate is not yet good enough for the caller.
+    max_probes: the most deflated probes per layer with ``refine``
+      (default ``4 * num_probes``).
 
   Returns:
-    ``TraceEstimate`` over all probes drawn.
+    ``TraceEstimate`` (``sketch = k``, ``num_probes = m``); a layer's
+    ``samples`` are ``Tr(Q^T A Q) + g'_j^T A g'_j``, ``stderr`` their
+    standard error (0 where exact). Cost: ``L (2k + m)`` HVPs in two rounds,
+    in programs of ``HVPS_PER_PROGRAM`` (``probe_batch``).
   """
-  if max_probes < 1:
-    raise ValueError(f"max_probes must be >= 1, got {max_probes}.")
-  min_probes = max(2, min_probes)
-  probe_batch = default_probe_batch() if probe_batch is None else probe_batch
-  paths, chunks, done = None, [], 0
-  while done < max_probes:
-    n = min(probe_batch, max_probes - done)
-    paths, samples = _sample_batch(loss_fn, params, key, n, select, probe_batch, loss_args, layerwise, start=done)
-    chunks.append(samples)
-    done += n
-    if done >= min_probes:
-      est = _summarize(paths, np.concatenate(chunks))
-      if all(r < tol for r in est.relative_stderr().values()):
-        return est
-  return _summarize(paths, np.concatenate(chunks))
+  if sketch < 1 or num_probes < 2:
+    raise ValueError(f"hutchpp_trace needs sketch >= 1 and num_probes >= 2, got {sketch}, {num_probes}.")
+  paths, leaves, treedef, sel = _selection(params, select)
+  sizes = [int(leaves[i].size) for i in sel]
+  width = max(sizes)
+  dtype = np.dtype(jnp.result_type(*[leaves[i] for i in sel]))  # of the products: float32 (float64 with x64)
+  loss_args = tuple(loss_args)
+  ks = [min(sketch, n) for n in sizes]
+  # Rademacher signs from the low bit of uint32 words: the same with or without x64.
+  randoms = [2.0 * (np.asarray(jax.random.bits(jax.random.fold_in(key, l), (n, k + num_probes), jnp.uint32)) & 1)
+             - 1.0 for l, (n, k) in enumerate(zip(sizes, ks))]
 
+  def rows(blocks):  # [(layer, [n_l, c])] -> (vectors [sum c, W] of dtype, layer index)
+    vecs = [np.pad(b.T, ((0, 0), (0, width - b.shape[0]))) for _, b in blocks]
+    return (np.concatenate(vecs).astype(dtype),
+            np.concatenate([np.full(b.shape[1], l, np.int32) for l, b in blocks]))
 
-def rademacher_probes(
-    params: Any,
-    key: jax.Array,
-    indices: Sequence[int],
-    select: Callable[[str], bool] | None = None,
-) -> dict[str, jax.Array]:
-  """``{path: [P, *S_l]}``: the probes ``hutchinson_trace`` draws for ``indices`` (length ``P``).
+  def products(blocks):  # [n_l, c] per layer -> A_l @ block, [n_l, c] float64
+    out = _layer_products(loss_fn, treedef, sel, leaves, loss_args, *rows(list(enumerate(blocks))), probe_batch)
+    res, r = [], 0
+    for b in blocks:
+      res.append(out[r:r + b.shape[1], :b.shape[0]].T)
+      r += b.shape[1]
+    return res
 
-  Only the selected leaves are probed; for checking and reuse of the exact
-  probes behind an estimate (see ``hvp_block_forms``).
-  """
-  paths, leaves, _, sel = _selection(params, select)
-  probes = _probes_jit(key, jnp.asarray(indices, jnp.uint32), [leaves[i] for i in sel])
-  return {paths[i]: v for i, v in zip(sel, probes)}
-
-
-@jax.jit
-def _probes_jit(key, indices, selected):
-  return jax.vmap(lambda i: _probe(key, i, selected))(indices)
-
-
-@functools.partial(jax.jit, static_argnames=("loss_fn", "treedef", "sel"))
-def _forms_jit(loss_fn, treedef, sel, leaves, loss_args, probes):
-  _, hvp = _linearized_hvp(loss_fn, treedef, sel, leaves, loss_args)
-  return jax.vmap(lambda v: _block_forms(v, hvp(v)))(probes)
-
-
-def hvp_block_forms(
-    loss_fn: Callable[..., jax.Array],
-    params: Any,
-    probes: dict[str, jax.Array],
-    loss_args: Sequence[Any] = (),
-) -> dict[str, jax.Array]:
-  """``{path: [P]}`` values ``v_l . (H v)_l`` for given probes, vmapped over ``P``.
-
-  Args:
-    loss_fn, params, loss_args: as in ``hutchinson_trace``.
-    probes: ``{path: [P, *S_l]}`` for the leaves to probe (the selection);
-      every other leaf is held fixed.
-
-  Useful for checking the estimator with known probes (e.g. all ``2^n`` sign
-  vectors, whose average is exactly ``Tr(H_ll)``) and for other probe
-  distributions; ``hutchinson_trace`` draws its own.
-  """
-  paths, leaves, treedef, sel = _selection(params, lambda p: p in probes)
-  missing = set(probes) - {paths[i] for i in sel}
-  if missing:
-    raise ValueError(f"probes for unknown or non-float leaves: {sorted(missing)}")
-  forms = _forms_jit(loss_fn, treedef, sel, leaves, tuple(loss_args), [probes[paths[i]] for i in sel])
-  return {paths[i]: forms[:, j] for j, i in enumerate(sel)}
+  # Round 1: A S.  Round 2: A Q and A g' for the layers not spanned by Q.
+  ys = products([x[:, :k] for x, k in zip(randoms, ks)])
+  qs = [np.linalg.qr(y)[0] for y in ys]
+  exact = [k >= n for k, n in zip(ks, sizes)]
+  gs = [np.zeros((n, 0)) if e else x[:, k:] - q @ (q.T @ x[:, k:])
+        for x, q, k, n, e in zip(randoms, qs, ks, sizes, exact)]
+  aqg = products([np.concatenate([q, g], axis=1) for q, g in zip(qs, gs)])
+  samples, tops = [], []
+  for q, g, a, k in zip(qs, gs, aqg, ks):
+    tops.append(float(np.sum(q * a[:, :k])))
+    samples.append(tops[-1] + np.sum(g * a[:, k:], axis=0) if g.shape[1] else np.array([tops[-1]]))
+  names = [paths[i] for i in sel]
+  est = _summarize(names, samples, num_probes, sketch, exact)
+  limit = 4 * num_probes if max_probes is None else max_probes
+  for r in range(1, 1 + (limit - 1) // num_probes if refine is not None else 1):
+    wanted = set(refine(est))
+    more = [l for l, p in enumerate(names) if p in wanted and not exact[l] and len(samples[l]) < limit]
+    if not more:
+      break
+    counts = {l: min(num_probes, limit - len(samples[l])) for l in more}
+    extra = {l: 2.0 * (np.asarray(jax.random.bits(jax.random.fold_in(jax.random.fold_in(key, l), r),
+                                                  (sizes[l], c), jnp.uint32)) & 1) - 1.0 for l, c in counts.items()}
+    extra = {l: g - qs[l] @ (qs[l].T @ g) for l, g in extra.items()}
+    blocks = [extra.get(l, np.zeros((n, 0))) for l, n in enumerate(sizes)]
+    for l, (g, a) in enumerate(zip(blocks, products(blocks))):
+      if g.shape[1]:
+        samples[l] = np.concatenate([samples[l], tops[l] + np.sum(g * a, axis=0)])
+    est = _summarize(names, samples, num_probes, sketch, exact)
+  return est
 
 
 # ----------------------------------------------------------------------------
@@ -468,36 +458,23 @@ def kernel_paths(path: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierLoss:
-  """Mean softmax cross-entropy of a Linen classifier in eval mode, averaged over batches.
+  """Mean softmax cross-entropy of a Linen classifier in eval mode.
 
   ``__call__(params, batch_stats, images [K, B, ...], labels [K, B])``: the
-  mean over the ``K`` stacked batches of each batch's mean cross-entropy,
-  ``model.apply(..., train=False)`` with the given BN statistics. A hashable
-  (frozen, model-valued) callable, so equal models share one compilation.
-
-  In eval mode no example affects another and the batches are of one size,
-  so this equals the mean cross-entropy of all ``K * B`` examples; by
-  default they go through the model as one batch (activation memory grows
-  with ``K * B``). ``scan=True`` scans over the ``K`` batches instead (memory
-  of one batch), which XLA:CPU runs far slower inside an HVP.
+  mean cross-entropy of all ``K * B`` examples (in eval mode no example
+  affects another), ``model.apply(..., train=False)`` with the given BN
+  statistics, the batches through the model as one. A hashable (frozen,
+  model-valued) callable, so equal models share one compilation.
   """
 
   model: Any
-  scan: bool = False
 
   def __call__(self, params, batch_stats, images, labels):
     variables = {"params": params}
     if jax.tree_util.tree_leaves(batch_stats):
       variables["batch_stats"] = batch_stats
-
-    def batch_loss(xy):
-      x, y = xy
-      logits = self.model.apply(variables, x, train=False)
-      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y))
-
-    if self.scan and images.shape[0] > 1:
-      return jnp.mean(jax.lax.map(batch_loss, (images, labels)))
-    return batch_loss((images.reshape((-1,) + images.shape[2:]), labels.reshape(-1)))
+    logits = self.model.apply(variables, images.reshape((-1,) + images.shape[2:]), train=False)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.reshape(-1)))
 
 
 def _images_labels(batch) -> tuple[Any, Any]:
@@ -514,48 +491,45 @@ def layer_traces_for_model(
     key: jax.Array,
     num_probes: int,
     select_fn: Callable[[str], bool] = kernel_paths,
-    num_batches: int | None = None,
     probe_batch: int | None = None,
-    layerwise: bool = False,
-    scan_batches: bool = False,
+    sketch: int = 0,
+    refine: Callable[[TraceEstimate], Sequence[str]] | None = None,
+    max_probes: int | None = None,
 ) -> TraceEstimate:
   """Per-layer ``Tr(H_l)`` of a Linen classifier's cross-entropy.
 
-  The loss is the mean softmax cross-entropy with integer labels,
-  ``model.apply(variables, images, train=False)`` (BN uses
-  ``variables["batch_stats"]``), averaged over the first ``num_batches`` of
-  ``batches`` (all by default); its Hessian is w.r.t. ``variables["params"]``
-  only.
+  The loss is ``ClassifierLoss``: the mean softmax cross-entropy with
+  integer labels over all of ``batches``, ``model.apply(variables, images,
+  train=False)`` (BN uses ``variables["batch_stats"]``); its Hessian is
+  w.r.t. ``variables["params"]`` only.
 
   Args:
     model: a Flax Linen classifier, ``apply(..., x, train=False) -> [B, C]``.
     variables: ``{"params": ..., "batch_stats": ...}`` (float weights).
     batches: a sequence of ``{"image": [B, ...], "label": [B]}`` dicts or
-      ``(images, labels)`` pairs, all of one shape (stacked to
-      ``[K, B, ...]``).
+      ``(images, labels)`` pairs, all of one shape.
     key: PRNG key of the probes.
-    num_probes: Rademacher probes (Hessian-vector products over all ``K``
-      batches each).
+    num_probes: Hutchinson probes ``P`` (``sketch = 0``) or Hutch++'s
+      deflated probes ``m`` per layer.
     select_fn: ``select_fn(path) -> bool`` picks the layers; default every
       ``.../kernel``.
-    num_batches: how many of ``batches`` to use; ``None`` uses all.
-    probe_batch: Hessian-vector products vmapped together (``None``:
-      ``default_probe_batch()``).
-    layerwise: probe one layer per HVP (see ``hutchinson_trace``).
-    scan_batches: scan over the batches (memory of one batch, slow on CPU)
-      rather than apply the model to all ``K * B`` examples at once (see
-      ``ClassifierLoss``).
+    probe_batch: HVPs vmapped together (``None``: ``default_probe_batch()``).
+    sketch: 0: ``hutchinson_trace`` (simultaneous); ``k > 0``:
+      ``hutchpp_trace`` with ``k`` sketch vectors per layer.
+    refine, max_probes: Hutch++'s extra probes (see ``hutchpp_trace``).
 
   Returns:
     ``TraceEstimate`` keyed by the selected parameter paths, e.g.
     ``"conv0/kernel"``.
   """
-  batches = list(batches)[: num_batches if num_batches is not None else None]
   if not batches:
     raise ValueError("layer_traces_for_model needs at least one batch.")
   pairs = [_images_labels(b) for b in batches]
   images = jnp.stack([jnp.asarray(x) for x, _ in pairs])
   labels = jnp.stack([jnp.asarray(y) for _, y in pairs])
-  batch_stats = variables.get("batch_stats", {})
-  return hutchinson_trace(ClassifierLoss(model, scan_batches), variables["params"], key, num_probes, select=select_fn,
-                          probe_batch=probe_batch, loss_args=(batch_stats, images, labels), layerwise=layerwise)
+  args = dict(select=select_fn, probe_batch=probe_batch,
+              loss_args=(variables.get("batch_stats", {}), images, labels))
+  if sketch:
+    return hutchpp_trace(ClassifierLoss(model), variables["params"], key, sketch, num_probes, refine=refine,
+                         max_probes=max_probes, **args)
+  return hutchinson_trace(ClassifierLoss(model), variables["params"], key, num_probes, **args)

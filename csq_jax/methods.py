@@ -9,14 +9,16 @@ hook           called                      used by
 =============  ==========================  =====================================
 regularizer    in the loss, every step     CSQ (Eq. 7), BSQ (group Lasso),
                of the search phase         MSQ (L1 on LSBs)
-after_update   after every optimizer step  BSQ (clamp the planes to [0, 2])
+after_update   after every optimizer step  BSQ (clamp the planes to [0, 2];
+                                           finetune latents to [-1, 1])
 adjust         on the host, after every    BSQ (re-quantization and precision
                search epoch                adjustment), MSQ (Hessian-aware LSB
                                            pruning)
 start_finetune at the finetune phase       CSQ (freeze the bit selection, Eq. 4),
-                                           BSQ (last precision adjustment)
-finalize       before the final model is   BSQ (re-binarize the planes, exact)
-               evaluated and reported
+                                           BSQ (last precision adjustment, then
+                                           float latents at fixed precision)
+finalize       before the final model is   BSQ (exact binary planes, precision
+               evaluated and reported      unchanged after a finetune)
 =============  ==========================  =====================================
 
 Precision changes of BSQ and MSQ alter the *structure* of the parameter tree
@@ -174,6 +176,14 @@ class CSQ(Method):
   def _with_min_bits(self, params):
     return _map_type(lambda q: csq.with_min_bits(q, self.min_bits), CSQWeight, params)
 
+  def after_update(self, params):
+    """Every layer keeps ``min_layer_bits`` during the search too: the
+    projection runs after each step, so the budget term sees the bits a layer
+    cannot lose and prunes others instead (a layer cut to 0 bits in the
+    search and restored at the freeze overshot the target: 2.198 bits at
+    target 2 on the default job)."""
+    return self._with_min_bits(params)
+
   def start_finetune(self, params):
     """Freeze the selection (Eq. 4), each layer keeping ``min_layer_bits``."""
     return transform.set_mask_mode(self._with_min_bits(params), "frozen")
@@ -204,9 +214,14 @@ def _over_budget(params, target: float) -> bool:
 
 
 class BSQ(Method):
-  """BSQ (Yang et al. 2021): group Lasso on bit planes, clamp after each step,
-  re-quantization every ``bsq_requant_every`` search epochs, and one last
-  precision adjustment before the finetune, whose scheme is fixed."""
+  """BSQ (Yang et al. 2021), as the authors' code runs it: group Lasso on the
+  bit planes weighted by memory (``bsq.weighted_group_lasso``), planes clamped
+  to [0, 2] after each step, re-quantization and precision adjustment every
+  ``bsq_requant_every`` search epochs (``bsq.requantize``); then a last
+  adjustment and the finetune of ``cifar_finetune.py``: each layer a float
+  latent rounded at its fixed precision (``bsq.BSQFinetuneWeight``), clamped
+  to [-1, 1] after each step, written back as exact planes by ``finalize``.
+  No precision changes after the search."""
 
   name = "bsq"
   searches = True
@@ -219,17 +234,19 @@ class BSQ(Method):
     self.threshold = float(config.bsq_threshold)
 
   def regularizer(self, params, beta):
-    """``alpha * sum_l g_l share_l B_GL(W^l)`` with a per-layer gate ``g_l``.
+    """``alpha * sum_l g_l N_l n_l B_GL(W^l) / sum_k N_k`` with a per-layer
+    gate ``g_l`` (the sum over counted layers ``k``, as the authors'
+    ``total_param()``).
 
-    The gate looks at the *effective* precision of each layer
-    (``bsq.effective_precision``: what a re-quantization would keep), every
-    step. Left alone, the Lasso empties the same plane of every layer in
-    lock-step and one re-quantization drops a whole bit from the model. So
-    the layers are ranked, highest effective precision first (larger layers
-    first among equals), and the Lasso acts on the leading layers whose
-    one-bit drops together fit in ``average - (target - budget_tolerance)``
-    (at least the first one while the average is above the target; none
-    once it is at or below it).
+    The gate (this project's addition, for a budget) looks at the
+    *effective* precision of each layer (``bsq.effective_precision``: what a
+    re-quantization would keep), every step. Left alone, the Lasso empties
+    the same plane of every layer in lock-step and one re-quantization drops
+    a whole bit from the model. So the layers are ranked, highest effective
+    precision first (larger layers first among equals), and the Lasso acts on
+    the leading layers whose one-bit drops together fit in
+    ``average - (target - budget_tolerance)`` (at least the first one while
+    the average is above the target; none once it is at or below it).
     """
     del beta
     counted = transform.quantized_leaves(params)
@@ -247,14 +264,16 @@ class BSQ(Method):
     fits = jnp.cumsum(drop) <= delta + self.tolerance
     ranked_on = (fits | (jnp.arange(len(order)) == 0)) & (delta > 0) & is_bsq[order]
     gate = jnp.zeros(len(order), bool).at[order].set(ranked_on)
-    shares = bsq.memory_shares({k: counted[k] for k in names})
+    weights = bsq.memory_weights({k: counted[k] for k in names}, int(sizes.sum()))
     index = {k: i for i, k in enumerate(counted)}
-    total = sum((jnp.where(gate[index[k]], shares[k] * bsq.group_lasso(counted[k]), 0.0) for k in names),
+    total = sum((jnp.where(gate[index[k]], weights[k] * bsq.group_lasso(counted[k]), 0.0) for k in names),
                 jnp.zeros((), jnp.float32))
     return self.alpha * total, delta
 
   def after_update(self, params):
-    return _map_type(bsq.clamp_planes, BSQWeight, params)
+    """Planes clamped to [0, 2] (search), latents to [-1, 1] (finetune)."""
+    params = _map_type(bsq.clamp_planes, BSQWeight, params)
+    return _map_type(bsq.clamp_latent, bsq.BSQFinetuneWeight, params)
 
   def _requantize(self, params, threshold):
     return _map_type(lambda w: bsq.requantize(w, threshold), BSQWeight, params)
@@ -267,28 +286,42 @@ class BSQ(Method):
     return params, {"requantized": True, "avg_bits_before": before}
 
   def start_finetune(self, params):
-    return self._requantize(params, self.threshold)
+    """The last precision adjustment, then the finetune leaves (fixed precision)."""
+    return _map_type(bsq.to_finetune, BSQWeight, self._requantize(params, self.threshold))
 
   def finalize(self, params):
-    return self._requantize(params, 0.0)  # exact: re-binarize, drop all-zero planes only
+    """Exact binary planes: a finetuned layer at its fixed precision
+    (``finetune_to_planes``); without a finetune, the authors' last
+    ``quant`` + ``pruning(threshold=0)`` (clip, drop all-zero planes only)."""
+    def final(w):
+      if isinstance(w, bsq.BSQFinetuneWeight):
+        return bsq.finetune_to_planes(w)
+      return bsq.requantize(w, 0.0) if isinstance(w, BSQWeight) else w
+
+    return transform.map_quantized(final, params)
 
   def structure(self, params):
-    return {k: [v.n_bits] for k, v in transform.quantized_leaves(params).items() if isinstance(v, BSQWeight)}
+    return {k: [v.n_bits] for k, v in transform.quantized_leaves(params).items()
+            if isinstance(v, (BSQWeight, bsq.BSQFinetuneWeight))}
 
   def restructure(self, params, structure):
     def reshape(path, w):
       n = structure[path][0]
+      if isinstance(w, bsq.BSQFinetuneWeight):
+        return w.replace(bits=n)
       planes = jnp.zeros((n,) + w.shape, jnp.float32)
       return BSQWeight(planes, planes, jnp.zeros((), jnp.float32))
 
-    return _map_with_path(params, BSQWeight, structure, reshape)
+    params = _map_with_path(params, BSQWeight, structure, reshape)
+    return _map_with_path(params, bsq.BSQFinetuneWeight, structure, reshape)
 
 
 class MSQ(Method):
   """MSQ (Han et al. 2025): L1 on each layer's ``lsb_k`` LSBs; every
   ``msq_prune_every`` search epochs, layers whose LSB sparsity reached
   ``msq_threshold`` drop those bits, ``k`` chosen per layer by Hessian-aware
-  sensitivity (``msq_hessian``) or 1."""
+  sensitivity (``msq_hessian``: layerwise Hutch++ traces, ``k = 2`` below the
+  mean sensitivity by ``msq_hessian_z`` standard errors) or 1."""
 
   name = "msq"
   searches = True
@@ -300,6 +333,9 @@ class MSQ(Method):
     self.threshold = float(config.msq_threshold)
     self.use_hessian = bool(config.msq_hessian)
     self.probes = int(config.msq_hessian_probes)
+    self.sketch = int(config.get("msq_hessian_sketch", 0))
+    self.z = float(config.get("msq_hessian_z", 0.0))
+    self.max_probes = int(config.get("msq_hessian_max_probes", 0)) or None
     self.hessian_batches = int(config.msq_hessian_batches)
     self.tolerance = float(config.budget_tolerance)
 
@@ -311,23 +347,52 @@ class MSQ(Method):
     total = sum((msq.regularizer(w) for w in leaves), jnp.zeros((), jnp.float32))
     return self.strength * total, self.delta_s(params)
 
-  def lsb_amounts(self, params, ctx: AdjustContext) -> tuple[dict[str, int], dict[str, float]]:
-    """``({path: k}, {path: Omega})``: Hessian-aware ``k`` (2 below the mean
-    sensitivity, else 1) or ``k = 1`` everywhere without the Hessian."""
+  def sensitivities(self, params, ctx: AdjustContext) -> dict[str, dict[str, Any]]:
+    """Per-layer Hessian measurements, ``{name: {path: value}}``: ``trace``
+    (``Tr(H_l)``: layerwise Hutch++ with ``msq_hessian_sketch`` sketch
+    vectors and ``msq_hessian_probes`` probes per layer, or simultaneous
+    Hutchinson with ``msq_hessian_probes`` probes when the sketch is 0),
+    ``trace_stderr``, ``sensitivity`` (``Omega_l``), ``sensitivity_stderr``,
+    ``lsb_k`` (``msq.prune_amounts`` with margin ``msq_hessian_z``) and
+    ``hessian_probes`` (probes per layer: layers ``msq.undecided`` leaves
+    get more, up to ``msq_hessian_max_probes``); ``{}`` without the
+    Hessian."""
     leaves = {k: v for k, v in transform.quantized_leaves(params).items() if isinstance(v, MSQWeight)}
-    if not self.use_hessian:
-      return {k: 1 for k in leaves}, {}
+    if not self.use_hessian or not leaves:
+      return {}
     batches = [b for _, b in zip(range(self.hessian_batches), ctx.batches())]
     variables = {"params": transform.materialize(params, None, hard=True), "batch_stats": ctx.batch_stats}
+    # Omega is linear in the trace, so its standard error is ||W_n - W|| times the trace's.
+    norms = {k: float(msq.sensitivity(1.0, w)) for k, w in leaves.items()}
+
+    def omegas_of(est):
+      return ({k: est.mean[k] * e for k, e in norms.items()}, {k: est.stderr[k] * e for k, e in norms.items()})
+
     traces = hessian.layer_traces_for_model(ctx.model, variables, batches, ctx.key, self.probes,
-                                            select_fn=lambda p: p in leaves)
-    omegas = {k: float(msq.sensitivity(traces.mean[k], w)) for k, w in leaves.items()}
-    return msq.prune_amounts(omegas, {k: w.bits for k, w in leaves.items()}), omegas
+                                            select_fn=lambda p: p in leaves, sketch=self.sketch,
+                                            refine=lambda est: msq.undecided(*omegas_of(est), self.z),
+                                            max_probes=self.max_probes)
+    omegas, errors = omegas_of(traces)
+    ks = msq.prune_amounts(omegas, {k: w.bits for k, w in leaves.items()}, errors, self.z)
+    return {"trace": dict(traces.mean), "trace_stderr": dict(traces.stderr), "sensitivity": omegas,
+            "sensitivity_stderr": errors, "lsb_k": ks,
+            "hessian_probes": {k: len(traces.samples[k]) for k in leaves}}
+
+  def lsb_amounts(self, params, ctx: AdjustContext) -> tuple[dict[str, int], dict[str, float]]:
+    """``({path: k}, {path: Omega})``: the Hessian-aware ``k`` of
+    ``sensitivities``, or ``k = 1`` everywhere without the Hessian."""
+    info = self.sensitivities(params, ctx)
+    if not info:
+      return {k: 1 for k, v in transform.quantized_leaves(params).items() if isinstance(v, MSQWeight)}, {}
+    return info["lsb_k"], info["sensitivity"]
 
   def adjust(self, params, ctx):
     if self.every <= 0 or ctx.epoch % self.every or not _over_budget(params, self.target):
       return params, {}
-    ks, omegas = self.lsb_amounts(params, ctx)
+    measured = self.sensitivities(params, ctx)
+    omegas = measured.get("sensitivity", {})
+    ks = measured.get("lsb_k") or {k: 1 for k, v in transform.quantized_leaves(params).items()
+                                   if isinstance(v, MSQWeight)}
     leaves = transform.quantized_leaves(params)
     sizes = budget.layer_sizes(params)
     total = sum(sizes.values())
@@ -358,8 +423,10 @@ class MSQ(Method):
     if pruned:
       logging.info("MSQ pruned %s (avg bits now %.3f).", pruned, avg)
     info = {"pruned_bits": sum(pruned.values()), "lsb_sparsity_min": min(sparsity.values()) if sparsity else 1.0}
-    if omegas:  # {path: Omega_l}, into metrics.jsonl as adjust_sensitivity (the report plots it)
-      info["sensitivity"] = omegas
+    # {path: value} dicts into metrics.jsonl as adjust_<name>: adjust_trace,
+    # adjust_trace_stderr, adjust_sensitivity (Omega_l, the report plots it),
+    # adjust_sensitivity_stderr and adjust_lsb_k.
+    info.update(measured)
     return params, info
 
   def structure(self, params):

@@ -227,13 +227,15 @@ def format_value(key: str, v) -> str:
   """A table cell: accuracy in %, compression with an x, bits to 3 decimals."""
   if v is None:
     return "-"
+  if isinstance(v, tuple):  # (mean, std) over seeds
+    return f"{format_value(key, v[0])} ± {format_value(key, v[1])}"
   if isinstance(v, bool):
     return "yes" if v else ""
   if key in ("test_accuracy", "fp_accuracy"):
     return f"{100 * v:.2f}%"
   if key == "compression":
     return f"{v:.2f}x"
-  if key in ("avg_bits", "epoch_time_s"):
+  if key in ("avg_bits", "epoch_time_s", "export_bits_per_weight"):
     return f"{v:.3f}"
   if key in ("peak_rss_mib", "peak_device_mib"):
     return f"{v:.0f}"
@@ -266,7 +268,10 @@ COLUMNS = (
     ("act_bits", "A-bits"),
     ("compression", "compression"),
     ("test_accuracy", "accuracy"),
+    ("export_bits_per_weight", "stored bits/w"),
 )
+# Summary values averaged over the seeds of a group (mean ± std).
+SEED_MEANS = ("avg_bits", "compression", "test_accuracy", "export_bits_per_weight")
 
 
 def table_rows(runs: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
@@ -279,6 +284,37 @@ def table_rows(runs: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[di
     row = {key: s.get(key) for key, _ in COLUMNS}
     row.update(run=r["name"], target_bits=None if s["method"] == "fp" else s["target_bits"], pareto=i in front)
     row.update({f: config_value(r, f) for f in fields})
+    rows.append(row)
+  return rows
+
+
+def seed_groups(runs: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[list[dict[str, Any]]]:
+  """Runs that differ only in ``seed``, grouped (in order of first appearance):
+  same method, target and value of every other varying field."""
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for r in runs:
+    s = r["summary"]
+    key = json.dumps([s["method"], None if s["method"] == "fp" else s["target_bits"], s.get("act_bits"),
+                      *(config_value(r, f) for f in fields if f != "seed")])
+    groups.setdefault(key, []).append(r)
+  return list(groups.values())
+
+
+def seed_rows(groups: Sequence[Sequence[dict[str, Any]]], fields: Sequence[str]) -> list[dict[str, Any]]:
+  """One row per seed group: ``SEED_MEANS`` as ``(mean, std)`` (population
+  std over the group's seeds; 0 for one seed), ``seeds`` the seeds, and the
+  group's other varying fields."""
+  rows = []
+  for group in groups:
+    first = group[0]["summary"]
+    row = {key: first.get(key) for key, _ in COLUMNS}
+    for key in SEED_MEANS:
+      values = [r["summary"].get(key) for r in group]
+      row[key] = None if any(v is None for v in values) else (float(np.mean(values)), float(np.std(values)))
+    seeds = [config_value(r, "seed") for r in group]
+    row.update(run=group[0]["label"].split(" seed=")[0], target_bits=None if first["method"] == "fp" else
+               first["target_bits"], seeds=", ".join("-" if x is None else str(x) for x in seeds))
+    row.update({f: config_value(group[0], f) for f in fields if f != "seed"})
     rows.append(row)
   return rows
 
@@ -364,10 +400,17 @@ def write_report(paths: Sequence[str], out: str | None = None,
       "# csq_jax report\n",
       f"{len(runs)} run{'s' * (len(runs) != 1)}: {'; '.join(models)}. Accuracy: test accuracy of the exactly"
       " quantized model (every gate a unit step). W-bits: parameter-weighted average weight precision of the"
-      " counted layers; A-bits: activation precision (32 = float); compression: 32 x counted weights / their"
-      " total bits.\n",
+      " counted layers (the paper's precision: selected bit planes); A-bits: activation precision (32 = float);"
+      " compression: 32 x counted weights / their total bits; stored bits/w: what the exact export stores per"
+      " counted weight (a sign on top of the magnitude bits, and CSQ's signed-digit sums off the layer's grid,"
+      " docs/export_format.md).\n",
       markdown_table(rows, columns),
   ]
+  if "seed" in fields:  # repeated runs: mean ± std over seeds first, every run below
+    groups = seed_groups(runs, fields)
+    seed_columns = [c for c in columns if c[0] not in ("seed", "pareto")] + [("seeds", "seeds")]
+    parts.insert(2, f"Mean ± std over seeds ({len(runs)} runs in {len(groups)} groups; std over the seeds of"
+                 " each group):\n\n" + markdown_table(seed_rows(groups, fields), seed_columns) + "\nEvery run:\n")
   tradeoff = tradeoff_tables(runs)
   if tradeoff:
     parts.append(tradeoff)

@@ -120,7 +120,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f" multiples of the {ways} data-parallel devices (mesh {mesh}); change them or the mesh.")
   try:
     transform.rules_from_config(config.rules)
-    transform.QuantizeSpec(config.method, config.n_bits, config.csq_init, config.logit_init)
+    quantize_spec(config)
   except (ValueError, TypeError, re.error) as e:
     raise ConfigError(str(e)) from e
 
@@ -132,7 +132,8 @@ def uniform_bits(config) -> int:
 
 def quantize_spec(config) -> transform.QuantizeSpec:
   n_bits = config.n_bits if config.method in SEARCH_METHODS else uniform_bits(config)
-  return transform.QuantizeSpec(config.method, n_bits, config.csq_init, config.logit_init)
+  return transform.QuantizeSpec(config.method, n_bits, config.csq_init, config.logit_init,
+                                config.get("csq_off_logit", 0.0))
 
 
 # ----------------------------------------------------------------------------

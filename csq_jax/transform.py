@@ -72,13 +72,17 @@ class QuantizeSpec:
       precision for ``csq_uniform``/``ste``.
     init: CSQ initialization, ``"float"`` (decompose the given kernel's
       ``n_bits`` quantization) or ``"random"`` (random bit logits, He scale).
-    logit_init: magnitude of the initial CSQ bit logits.
+    logit_init: initial logit of a set CSQ bit (``init="float"``), or the
+      range of the random logits (``init="random"``).
+    off_logit: initial logit of every other CSQ bit (``init="float"``): 0 as
+      in the authors' code, ``-logit_init`` for the symmetric start.
   """
 
   method: str = "csq"
   n_bits: int = 8
   init: str = "float"
-  logit_init: float = 2.0
+  logit_init: float = 1.0
+  off_logit: float = 0.0
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -193,7 +197,7 @@ def _apply_rule(leaf, rule: Rule, spec: QuantizeSpec, key, name: str):
       raise ValueError("CSQ init='random' needs a PRNG key.")
     q = csq.init_random(key, np.shape(leaf), _fan_in(np.shape(leaf)), bits, spec.logit_init, mode)
   else:
-    q = csq.init_from_float(leaf, bits, spec.logit_init, mode)
+    q = csq.init_from_float(leaf, bits, spec.logit_init, mode, spec.off_logit)
   return q, ("quantize", bits)
 
 

@@ -1,4 +1,6 @@
-"""BSQ bit-plane quantizer (Eq. 1 of CSQ, Yang et al. 2021) against numpy references."""
+"""BSQ bit-plane quantizer (Eq. 1 of CSQ, Yang et al. 2021) against numpy references.
+
+tests/test_bsq_parity.py compares it with a port of the authors' code."""
 
 import inspect
 
@@ -16,12 +18,13 @@ from csq_jax.quantizers.bsq import BSQWeight
 
 
 def ref_integers(pos, neg):
-  """``Round[sum_b (p_b - n_b) 2^b]`` as an explicit loop, float64."""
+  """``clip(Round[sum_b (p_b - n_b) 2^b], -(2^n-1), 2^n-1)`` as an explicit loop, float64."""
   pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
   acc = np.zeros(pos.shape[1:], np.float64)
   for b in range(pos.shape[0]):
     acc = acc + (pos[b] - neg[b]) * 2.0**b
-  return np.round(acc)
+  levels = 2.0 ** pos.shape[0] - 1
+  return np.clip(np.round(acc), -levels, levels)
 
 
 def ref_materialize(pos, neg, scale):
@@ -59,7 +62,7 @@ def random_weight(seed=0, n_bits=4, shape=(3, 5), scale=0.7):
 
 def ref_group_lasso(w):
   p, n = np.asarray(w.pos_planes, np.float64), np.asarray(w.neg_planes, np.float64)
-  return sum(np.sqrt(np.sum(p[b] ** 2) + np.sum(n[b] ** 2)) for b in range(p.shape[0]))
+  return sum(np.sqrt(1e-8 + np.sum(p[b] ** 2) + np.sum(n[b] ** 2)) for b in range(p.shape[0]))
 
 
 def assert_binary(w):
@@ -73,6 +76,11 @@ def assert_binary(w):
 
 
 def test_materialize_matches_numpy_loop():
+  w2 = random_weight(10, n_bits=2)  # planes up to 2 overflow 2^n - 1: the clamp is exercised
+  raw = np.round(np.tensordot(2.0 ** np.arange(2), np.asarray(w2.pos_planes - w2.neg_planes, np.float64), 1))
+  assert np.any(np.abs(raw) > 3)
+  np.testing.assert_allclose(np.asarray(jax.jit(bsq.materialize)(w2), np.float64),
+                             0.7 / 3.0 * np.clip(raw, -3, 3), rtol=1e-6, atol=1e-7)
   w = random_weight(0)
   ref = ref_materialize(w.pos_planes, w.neg_planes, w.scale)
   for fn in (bsq.materialize, jax.jit(bsq.materialize)):
@@ -95,7 +103,7 @@ def test_ste_gradients_are_analytic():
   expected = np.stack([2.0**b * 1.3 / levels * u for b in range(3)])
   np.testing.assert_allclose(np.asarray(g.pos_planes), expected, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(g.neg_planes), -expected, rtol=1e-6)
-  q = ref_integers(w.pos_planes, w.neg_planes)
+  q = ref_integers(w.pos_planes, w.neg_planes)  # clipped: the clamp passes the gradient of s too
   np.testing.assert_allclose(float(g.scale), np.sum(q / levels * u), rtol=1e-5)
 
 
@@ -151,22 +159,24 @@ def test_requantize_rebinarizes_non_binary_planes():
   np.testing.assert_allclose(np.asarray(bsq.materialize(r)), np.asarray(bsq.materialize(w)), rtol=1e-6)
 
 
-def test_requantize_overflow_adds_a_bit():
-  # Planes at 2 sum to 2 * (2^3 - 1) = 14 > 7: four planes, not a clip to 7.
+def test_requantize_overflow_clips_not_grows():
+  # Planes at 2 sum to 2 * (2^3 - 1) = 14 > 7: the forward pass already clamps
+  # it to 7 and re-quantization keeps three planes, clipped (the authors' quant).
   pos = np.zeros((3, 2, 2), np.float32)
   neg = np.zeros((3, 2, 2), np.float32)
   pos[:, 0, 0] = 2.0
   neg[:, 1, 1] = [1.0, 1.0, 2.0]  # -(1 + 2 + 8) = -11
   pos[0, 0, 1] = 1.0
   w = BSQWeight(jnp.asarray(pos), jnp.asarray(neg), jnp.asarray(0.8, jnp.float32))
-  q = np.array([[14, 1], [0, -11]])
+  q = np.array([[7, 1], [0, -7]])
   np.testing.assert_array_equal(np.asarray(bsq.integer_weights(w)), q)
+  np.testing.assert_allclose(np.asarray(bsq.materialize(w)), 0.8 / 7.0 * q, rtol=1e-6)
   r = check_requant(w)
-  assert r.n_bits == 4 and int(bsq.precision(r)) == int(bsq.precision(w)) + 1
+  assert r.n_bits == 3 == int(bsq.precision(w))
   np.testing.assert_array_equal(np.asarray(bsq.integer_weights(r)), q)
-  np.testing.assert_allclose(float(r.scale), 0.8 * 15.0 / 7.0, rtol=1e-6)
-  np.testing.assert_allclose(dequant(r), dequant(w), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(bsq.materialize(r)), np.asarray(bsq.materialize(w)), rtol=1e-6)
+  assert float(r.scale) == pytest.approx(0.8)
+  np.testing.assert_array_equal(np.asarray(bsq.materialize(r)), np.asarray(bsq.materialize(w)))
+  assert int(bsq.effective_precision(w)) == 3
 
 
 def test_requantize_drops_zero_msb_planes():
@@ -253,21 +263,23 @@ def test_group_lasso_matches_numpy_and_has_gradient():
   norms = np.sqrt(np.sum(p**2, axis=(1, 2, 3)) + np.sum(n**2, axis=(1, 2, 3)))
   np.testing.assert_allclose(np.asarray(g.pos_planes), p / norms[:, None, None, None], rtol=1e-5)
   assert np.all(np.abs(np.asarray(g.neg_planes)) > 0)
-  # An all-zero plane contributes 0 with a zero (not NaN) gradient.
+  # An all-zero plane contributes sqrt(1e-8) with a zero (not NaN) gradient.
   z = w.replace(pos_planes=w.pos_planes.at[1].set(0.0), neg_planes=w.neg_planes.at[1].set(0.0))
+  np.testing.assert_allclose(float(bsq.plane_norms(z)[1]), 1e-4, rtol=1e-3)
   gz = grad(z)
   assert np.all(np.isfinite(np.asarray(gz.pos_planes)))
   assert not np.any(np.asarray(gz.pos_planes[1]))
 
 
-def test_memory_shares_and_weighted_group_lasso():
+def test_memory_weights_and_weighted_group_lasso():
   leaves = {"a": random_weight(7, 4, (3, 5)), "b": random_weight(8, 2, (6, 2)), "c": random_weight(9, 8, (1, 2))}
-  shares = bsq.memory_shares(leaves)
+  weights = bsq.memory_weights(leaves)
   mem = {"a": 15 * 4, "b": 12 * 2, "c": 2 * 8}
-  total = sum(mem.values())
-  assert abs(sum(shares.values()) - 1.0) < 1e-12
+  total = 15 + 12 + 2  # parameters, not bits: the weights sum to the average precision
+  assert sum(weights.values()) == pytest.approx(sum(mem.values()) / total)
   for k in leaves:
-    assert shares[k] == pytest.approx(mem[k] / total)
+    assert weights[k] == pytest.approx(mem[k] / total)
+  assert bsq.memory_weights(leaves, 58)["a"] == pytest.approx(60 / 58)  # a larger counted model
   ref = 0.3 * sum(mem[k] / total * ref_group_lasso(leaves[k]) for k in leaves)
   custom = {"a": 1.0, "b": 0.0, "c": 2.0}
   ref2 = 0.5 * (ref_group_lasso(leaves["a"]) + 2.0 * ref_group_lasso(leaves["c"]))
@@ -281,7 +293,7 @@ def test_memory_shares_and_weighted_group_lasso():
   np.testing.assert_allclose(float(val), ref, rtol=1e-6)
   np.testing.assert_allclose(float(val2), ref2, rtol=1e-6)
   assert all(np.any(np.asarray(g[k].pos_planes)) for k in leaves)
-  assert bsq.memory_shares({}) == {}
+  assert bsq.memory_weights({}) == {}
 
 
 def test_dispatch_step_size_reconstructs_the_weight():
@@ -292,3 +304,48 @@ def test_dispatch_step_size_reconstructs_the_weight():
   np.testing.assert_allclose(quantizers.materialize(w, None), quantizers.integer_weights(w) * quantizers.step_size(w),
                              rtol=1e-6)
   assert int(quantizers.precision(w)) == 5 and quantizers.num_weights(w) == 12
+
+
+def test_requantize_sparse_msb_saturates_with_threshold():
+  # bit 2 set in 1 of 8 weights (12.5%): kept at threshold 0.1, dropped at
+  # 0.2 with that weight saturated at 3 (the new maximum).
+  q = np.array([[5, -3, 2, 1], [0, -1, 3, -2]])
+  w = from_integers(q, 3, scale=0.7)
+  assert check_requant(w, 0.1).n_bits == 3
+  r = check_requant(w, 0.2)
+  assert r.n_bits == 2
+  np.testing.assert_array_equal(np.asarray(bsq.integer_weights(r)), np.clip(q, -3, 3))
+  np.testing.assert_allclose(float(r.scale), 0.7 * 3.0 / 7.0, rtol=1e-6)
+  np.testing.assert_allclose(dequant(r), 0.7 / 7.0 * np.clip(q, -3, 3), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- finetune leaf
+
+
+def test_finetune_leaf_keeps_the_weight_and_its_precision():
+  q = np.array([[7, -5, 3], [0, 1, -6]])
+  w = from_integers(q, 3, scale=0.9)
+  f = jax.jit(bsq.to_finetune)(w)
+  assert isinstance(f, bsq.BSQFinetuneWeight) and quantizers.is_quantized(f)
+  assert f.bits == 3 and f.shape == (2, 3) and quantizers.num_weights(f) == 6
+  np.testing.assert_allclose(np.asarray(f.latent), q / 7.0, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(quantizers.materialize(f, None)), np.asarray(bsq.materialize(w)))
+  np.testing.assert_array_equal(np.asarray(quantizers.integer_weights(f)), q)
+  assert int(quantizers.precision(f)) == 3
+  # Training moves the latent anywhere; the integers stay on the 3-bit grid.
+  g = f.replace(latent=f.latent * 3.0 - 0.2)
+  ints = np.asarray(quantizers.integer_weights(g))
+  assert np.abs(ints).max() == 7 and int(quantizers.precision(g)) == 3
+  np.testing.assert_allclose(np.asarray(quantizers.materialize(g, None)),
+                             np.asarray(quantizers.step_size(g)) * ints, rtol=1e-6)
+  c = bsq.clamp_latent(g)
+  assert float(jnp.max(jnp.abs(c.latent))) == 1.0
+  np.testing.assert_array_equal(np.asarray(bsq.materialize(c)), np.asarray(bsq.materialize(g)))
+  # Back to exact planes at the same precision, the weight bit for bit.
+  r = bsq.finetune_to_planes(g)
+  assert_binary(r)
+  assert r.n_bits == 3
+  np.testing.assert_array_equal(np.asarray(jax.jit(bsq.materialize)(r)), np.asarray(jax.jit(bsq.materialize)(g)))
+  # An all-zero top plane is kept: precision never changes after the search.
+  small = bsq.finetune_to_planes(f.replace(latent=f.latent * 0.2))
+  assert small.n_bits == 3 and not np.any(np.asarray(small.pos_planes[2]))

@@ -63,7 +63,8 @@ def test_bsq_penalty_is_alpha_times_memory_weighted_group_lasso():
   m = methods.get(_config(method="bsq", bsq_alpha=0.3))
   pen, _ = m.regularizer(p, None)
   leaves = transform.quantized_leaves(p)
-  expected = 0.3 * (0.75 * float(bsq.group_lasso(leaves["a/kernel"])) + 0.25 * float(bsq.group_lasso(leaves["b/kernel"])))
+  # The authors' memory weights N_l n_l / sum_k N_k: 300 * 8 / 400 and 100 * 8 / 400.
+  expected = 0.3 * (6.0 * float(bsq.group_lasso(leaves["a/kernel"])) + 2.0 * float(bsq.group_lasso(leaves["b/kernel"])))
   assert float(pen) == pytest.approx(expected, rel=1e-5)
 
 
@@ -224,17 +225,33 @@ def test_msq_training_prunes_and_resumes_across_a_precision_change(tmp_path, mon
   assert [l["bits"] for l in resumed["layers"]] == [l["bits"] for l in full["layers"]]
 
 
-def test_bsq_training_requantizes_clamps_and_ends_exact(tmp_path):
-  c = _config(method="bsq", num_epochs=3, finetune_epochs=1, bsq_requant_every=1, bsq_alpha=0.5)
-  s = _train(c, tmp_path)
-  recs = _records(tmp_path)
+def test_bsq_training_requantizes_clamps_and_ends_exact(tmp_path, monkeypatch):
+  """Search: re-quantized every epoch. Finetune (cifar_finetune.py): float
+  latents in [-1, 1] at the searched precision, which never changes (not in
+  the finetune, not in finalize); a run killed in the finetune resumes from
+  its checkpoint (the finetune structure) to the same result."""
+  c = _config(method="bsq", num_epochs=3, finetune_epochs=2, bsq_requant_every=1, bsq_alpha=0.1,
+              target_bits=5.0)
+  s = _train(c, tmp_path / "full")
+  recs = _records(tmp_path / "full")
   assert [r.get("adjust_requantized") for r in recs[:2]] == [1.0, 1.0]
   assert s["exactly_quantized"]
-  state = restore_final_state(c, tmp_path)
+  searched = recs[3]["avg_bits"]  # after start_finetune's last adjustment
+  assert recs[3]["phase"] == "finetune" and recs[4]["avg_bits"] == searched == s["avg_bits"]
+  state = restore_final_state(c, tmp_path / "full")
   for w in transform.quantized_leaves(state.params).values():
-    assert isinstance(w, quantizers.BSQWeight)
-    assert 0.0 <= float(w.pos_planes.min()) and float(w.pos_planes.max()) <= 2.0
+    assert isinstance(w, bsq.BSQFinetuneWeight)
+    assert float(jnp.max(jnp.abs(w.latent))) <= 1.0
+  assert [w.bits for w in transform.quantized_leaves(state.params).values()] == [l["bits"] for l in s["layers"]]
   assert s["trainable_params"] > 2 * sum(l["params"] for l in s["layers"])
+
+  real_save = kill_after_epoch(monkeypatch, 4)
+  with pytest.raises(KeyboardInterrupt):
+    _train(c, tmp_path / "resumed")
+  monkeypatch.setattr(checkpoint, "save", real_save)
+  resumed = _train(c, tmp_path / "resumed")
+  assert resumed["avg_bits"] == s["avg_bits"] and resumed["test_accuracy"] == s["test_accuracy"]
+  assert [l["bits"] for l in resumed["layers"]] == [l["bits"] for l in s["layers"]]
 
 
 def test_lr_step_schedule():
@@ -288,7 +305,8 @@ def test_cifar_config_recipes_validate(arg, method):
   train.validate_config(c)
   if method == "bsq":  # BSQ's reference ResNet-20 schedule
     assert (c.num_epochs, c.lr_decay, tuple(c.lr_step_epochs), c.weight_decay) == (350, "step", (250,), 1e-4)
-    assert (c.bsq_alpha, c.bsq_requant_every, c.finetune_epochs, c.finetune_learning_rate) == (0.01, 100, 300, 0.01)
+    assert (c.bsq_alpha, c.bsq_requant_every, c.bsq_threshold) == (0.01, 50, 0.0)
+    assert (c.finetune_epochs, c.finetune_learning_rate, tuple(c.finetune_lr_step_epochs)) == (250, 1e-4, (250,))
 
 
 def test_cifar_config_rejects_unknown_arguments():
@@ -306,8 +324,8 @@ def test_bsq_gate_regularizes_the_leading_layers_that_fit_the_budget():
   for target, on in [(7.9, {"a/kernel"}), (5.0, {"a/kernel", "b/kernel"}), (8.0, set())]:
     m = methods.get(_config(method="bsq", target_bits=target, bsq_alpha=1.0, budget_tolerance=0.25))
     pen, delta = jax.jit(m.regularizer)(p, None)
-    shares = {"a/kernel": 0.75, "b/kernel": 0.25}
-    assert float(pen) == pytest.approx(sum(shares[k] * gl[k] for k in on), rel=1e-5)
+    weights = {"a/kernel": 6.0, "b/kernel": 2.0}  # N_l n_l / sum_k N_k
+    assert float(pen) == pytest.approx(sum(weights[k] * gl[k] for k in on), rel=1e-5)
     assert float(delta) == pytest.approx(8.0 - target, abs=1e-6)
 
 

@@ -42,14 +42,14 @@ def test_method_ignores_other_methods_knobs_and_fp_the_budget():
   assert not report.method_ignores("csq", "num_epochs") and not report.method_ignores("fp", "num_epochs")
 
 
-def _fake_run(root, name, method, target, acc, bits, reg_strength=0.3, epochs=3):
+def _fake_run(root, name, method, target, acc, bits, reg_strength=0.3, epochs=3, seed=None):
   """A finished run's files, written by hand: eight 100-weight layers."""
   d = root / name
   d.mkdir(parents=True)
   layers = [] if method == "fp" else [{"name": f"conv{i}/kernel", "params": 100, "bits": b} for i, b in enumerate(bits)]
   avg = float(np.mean(bits)) if layers else 32.0
   config = {"method": method, "target_bits": target, "reg_strength": reg_strength, "num_epochs": epochs,
-            "progress": False, "rules": [[".*kernel", "quantize"]]}
+            "progress": False, "rules": [[".*kernel", "quantize"]], **({} if seed is None else {"seed": seed})}
   summary = {"config": config, "method": method, "model": "small_cnn", "dataset": "digits", "target_bits": target,
              "act_bits": 32, "avg_bits": avg, "compression": 32.0 / avg, "test_accuracy": acc, "layers": layers}
   (d / "summary.json").write_text(json.dumps(summary))
@@ -80,16 +80,16 @@ def test_report_table_order_columns_and_table_v_layout(tmp_path):
   assert path == os.path.join(str(runs), "report.md")
   md = open(path).read()
   lines = [l for l in md.splitlines() if l.startswith("| ")]
-  assert lines[0] == ("| run | method | target | W-bits (avg) | A-bits | compression | accuracy | reg_strength"
-                      " | Pareto front |")
+  assert lines[0] == ("| run | method | target | W-bits (avg) | A-bits | compression | accuracy | stored bits/w"
+                      " | reg_strength | Pareto front |")
   # fp first; then csq by target, lambda 0.01 before 0.3; then msq. reg_strength
   # varies among the CSQ runs; fp and msq ignore it ("-").
   assert lines[1:6] == [
-      "| fp | fp | - | 32.000 | 32 | 1.00x | 99.00% | - | yes |",
-      "| lam/csq_t2_reg_strength0.01 | csq | 2 | 2.000 | 32 | 16.00x | 90.00% | 0.01 |  |",
-      "| csq_t2 | csq | 2 | 2.000 | 32 | 16.00x | 95.00% | 0.3 |  |",
-      "| csq_t4 | csq | 4 | 4.000 | 32 | 8.00x | 97.00% | 0.3 | yes |",
-      "| msq_t2 | msq | 2 | 2.000 | 32 | 16.00x | 96.00% | - | yes |",
+      "| fp | fp | - | 32.000 | 32 | 1.00x | 99.00% | - | - | yes |",
+      "| lam/csq_t2_reg_strength0.01 | csq | 2 | 2.000 | 32 | 16.00x | 90.00% | - | 0.01 |  |",
+      "| csq_t2 | csq | 2 | 2.000 | 32 | 16.00x | 95.00% | - | 0.3 |  |",
+      "| csq_t4 | csq | 4 | 4.000 | 32 | 8.00x | 97.00% | - | 0.3 | yes |",
+      "| msq_t2 | msq | 2 | 2.000 | 32 | 16.00x | 96.00% | - | - | yes |",
   ]
   # CSQ has two runs at target 2 (lambdas): no Table V layout for it; MSQ has one run.
   assert "Table V's layout" not in md
@@ -109,6 +109,32 @@ def test_report_table_order_columns_and_table_v_layout(tmp_path):
   assert ("| Target | 1-bit | 2-bit | 3-bit | FP |\n|---|---|---|---|---|\n| Avg. prec. | 1.00 | 2.00 | 3.00 | 32 |\n"
           "| Comp (x) | 32.00 | 16.00 | 10.67 | 1.00 |\n| CSQ acc. (%) | 90.00 | 93.00 | 95.00 | 99.00 |") in md
   assert (tmp_path / "out" / "precision_per_layer.png").exists()
+
+
+def test_runs_differing_only_in_seed_are_one_row_with_mean_and_std(tmp_path):
+  """A seed sweep's report: one row per (method, target, other fields) with
+  the mean ± population std of accuracy, bits and compression over its seeds,
+  then every run."""
+  runs = tmp_path / "seeds"
+  accs = {0: 0.98, 1: 0.99, 2: 0.96}
+  for seed, acc in accs.items():
+    _fake_run(runs, f"csq_t2_seed{seed}", "csq", 2.0, acc, [2] * 7 + [2 + seed], seed=seed)
+    _fake_run(runs, f"ste_t2_seed{seed}", "ste", 2.0, acc - 0.05, [2] * 8, seed=seed)
+  _fake_run(runs, "csq_t3_seed0", "csq", 3.0, 0.97, [3] * 8, seed=0)
+  md = open(report.write_report([str(runs)])).read()
+  grouped = md.split("Every run:")[0]
+  rows = [l for l in grouped.splitlines() if l.startswith("| ")]
+  assert rows[0] == ("| run | method | target | W-bits (avg) | A-bits | compression | accuracy | stored bits/w"
+                     " | seeds |")
+  bits = [2 + s / 8 for s in accs]
+  acc = list(accs.values())
+  csq_t2 = [r for r in rows if r.startswith("| csq T2 ")]
+  assert len(csq_t2) == 1 and len(rows) == 4  # header, ste T2, csq T2, csq T3
+  assert csq_t2[0] == (f"| csq T2 | csq | 2 | {np.mean(bits):.3f} ± {np.std(bits):.3f} | 32 |"
+                       f" {np.mean([32 / b for b in bits]):.2f}x ± {np.std([32 / b for b in bits]):.2f}x |"
+                       f" {100 * np.mean(acc):.2f}% ± {100 * np.std(acc):.2f}% | - | 0, 1, 2 |")
+  assert "| csq T3 | csq | 3 | 3.000 ± 0.000 | 32 | 10.67x ± 0.00x | 97.00% ± 0.00% | - | 0 |" in rows
+  assert len([l for l in md.split("Every run:")[1].splitlines() if l.startswith("| ") and "_seed" in l]) == 7
 
 
 def test_report_errors_say_what_to_give(tmp_path):

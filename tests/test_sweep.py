@@ -67,7 +67,7 @@ def test_sweep_trains_reports_keeps_going_after_a_failure_and_reuses(tmp_path):
   assert s["config"]["num_epochs"] == 1 and s["target_bits"] == 3.0
   md = (tmp_path / "report.md").read_text()
   assert (f"| t3 | csq | 3 | {s['avg_bits']:.3f} | 32 | {s['compression']:.2f}x | {100 * s['test_accuracy']:.2f}%"
-          " | yes |") in md
+          f" | {s['export_bits_per_weight']:.3f} | yes |") in md
   assert "## Failed runs\n\n- `t9`: exit code 1" in md
   assert (tmp_path / "precision_per_layer.png").stat().st_size > 10_000
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

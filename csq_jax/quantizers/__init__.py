@@ -1,7 +1,8 @@
 """Weight quantizers: one module per method, each pure functions over a leaf type.
 
 A quantized layer is a single pytree leaf-like dataclass (``CSQWeight``,
-``STEWeight``, ``BSQWeight``, ``MSQWeight``) that replaces the float kernel
+``STEWeight``, ``BSQWeight`` and, in BSQ's finetune, ``BSQFinetuneWeight``,
+``MSQWeight``) that replaces the float kernel
 in the parameter tree. The functions here dispatch on that type, so code
 that walks a tree (transform, budget, export) never needs to know which
 method produced a leaf.
@@ -13,12 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from csq_jax.quantizers import bsq, csq, msq, ste
-from csq_jax.quantizers.bsq import BSQWeight
+from csq_jax.quantizers.bsq import BSQFinetuneWeight, BSQWeight
 from csq_jax.quantizers.csq import CSQWeight
 from csq_jax.quantizers.msq import MSQWeight
 from csq_jax.quantizers.ste import STEWeight
 
-_MODULES = {CSQWeight: csq, STEWeight: ste, BSQWeight: bsq, MSQWeight: msq}
+_MODULES = {CSQWeight: csq, STEWeight: ste, BSQWeight: bsq, BSQFinetuneWeight: bsq, MSQWeight: msq}
 QUANTIZED_TYPES = tuple(_MODULES)
 
 
@@ -68,6 +69,7 @@ def mask_regularizer(leaf, beta) -> jax.Array:
 
 
 __all__ = [
+    "BSQFinetuneWeight",
     "BSQWeight",
     "CSQWeight",
     "MSQWeight",

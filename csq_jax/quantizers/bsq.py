@@ -1,25 +1,46 @@
-"""BSQ: bit-level sparsity quantization (Yang et al., 2021; ref. [8] of CSQ).
+"""BSQ: bit-level sparsity quantization (Yang et al., ICLR 2021; ref. [8] of CSQ).
 
-The baseline of the CSQ paper's Sec. II-A. A weight tensor is a signed sum of
-``n`` float bit planes with constant place values ``2^b``, rounded to an
-integer with a straight-through estimator and scaled by a trainable ``s``:
+The baseline of the CSQ paper's Sec. II-A, ported from the authors' public
+code (yanghr/BSQ: ``models/cifar/bit.py``, ``models/cifar/resnet.py``,
+``cifar_prune_STE.py``, ``cifar_finetune.py``) and written anew here.
 
-    W = s / (2^n - 1) * Round[sum_b (W_p^(b) - W_n^(b)) 2^b]          (Eq. 1)
+Search phase. A weight tensor is a signed sum of ``n`` float bit planes with
+constant place values ``2^b``, clamped to the layer's range, rounded with a
+straight-through estimator and scaled by a trainable ``s``:
 
-The planes ``W_p``, ``W_n`` are float variables clamped to ``[0, 2]`` after
-every optimizer step (``clamp_planes``); they start binary (``init_from_float``)
-and drift away from ``{0, 1}`` during training. Bit-level sparsity is induced
-by a group Lasso over each bit plane (``group_lasso``), reweighted by the
-layer's share of the model memory (``weighted_group_lasso``). Every few epochs,
-outside the jitted step, ``requantize`` re-binarizes the planes, grows a plane
-when a magnitude overflows ``2^n - 1`` and removes all-zero MSB and (nearly)
-all-zero LSB planes: that removal is BSQ's precision adjustment, and the
-layer's precision is its number of planes.
+    q = clip(Round[sum_b (W_p^(b) - W_n^(b)) 2^b], -(2^n - 1), 2^n - 1)
+    W = s / (2^n - 1) * q                                               (Eq. 1)
+
+(``bit_STE`` in ``bit.py`` clamps the normalized sum to [-1, 1] before it
+rounds; the gradient passes straight through both.) The planes ``W_p``,
+``W_n`` are float variables clamped to ``[0, 2]`` after every optimizer step
+(``clamp_planes``); they start binary (``init_from_float``, the authors'
+``ini2bit``) and drift away from ``{0, 1}``. Bit-level sparsity is induced by
+a group Lasso over each bit plane (``group_lasso``, ``L1reg``), weighted by
+the layer's memory over the model's parameter count
+(``weighted_group_lasso``). Every few epochs, outside the jitted step,
+``requantize`` re-binarizes the planes, clipping at the layer's range
+(``quant``), and removes all-zero (or sparse) MSB and LSB planes
+(``pruning``): that is BSQ's precision adjustment, and the layer's precision
+is its number of planes. It never grows.
+
+Finetune phase (``cifar_finetune.py``, ``to_finetune``). Each layer becomes a
+``BSQFinetuneWeight``: a float latent ``w = q / (2^n - 1)`` in ``[-1, 1]`` at
+the precision the search left, trained with
+
+    W = s / (2^n - 1) * Round[clip(w, -1, 1) (2^n - 1)]
+
+(straight-through) and clamped to ``[-1, 1]`` after every step
+(``clamp_latent``); the precision is a static field and never changes. At the
+end ``finetune_to_planes`` (``finetune_to_bit``) writes it back as exact
+binary planes at that precision.
 
 Precision convention shared with CSQ and STE: ``n`` planes are ``n`` magnitude
-bits plus a sign, integers in ``[-(2^n - 1), 2^n - 1]`` after re-quantization.
-Between re-quantizations the rounded sum can exceed that range (planes go up
-to 2), and the weight is still Eq. (1) evaluated as written.
+bits plus a sign, integers in ``[-(2^n - 1), 2^n - 1]``.
+
+Threshold units: the authors' ``--thre`` is a percentage of non-zero weights
+in a plane; ``threshold`` here is the same quantity as a fraction
+(``--thre 1.0`` is ``threshold=0.01``).
 """
 
 from __future__ import annotations
@@ -32,15 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from csq_jax.quantizers.ste import round_ste
-
 PLANE_MIN = 0.0
 PLANE_MAX = 2.0
+GROUP_EPS = 1e-8  # inside each group's square root, as the authors' L1reg
 
 
 @struct.dataclass
 class BSQWeight:
-  """Bit-plane parameters of one weight tensor (Eq. 1).
+  """Bit-plane parameters of one weight tensor (Eq. 1), the search phase.
 
   Attributes:
     pos_planes: ``W_p``, shape ``[n_bits, *kernel_shape]``, float32 in
@@ -67,6 +87,35 @@ class BSQWeight:
     return int(np.prod(self.shape))
 
 
+@struct.dataclass
+class BSQFinetuneWeight:
+  """One layer in BSQ's finetune phase, its precision fixed by the search.
+
+  Attributes:
+    latent: the float weight ``w`` in ``[-1, 1]`` (units of ``s``), kernel
+      shape, trained.
+    scale: ``s``, a float32 scalar, trained.
+    bits: the precision ``n`` (static): the grid is
+      ``s/(2^n - 1) * {-(2^n - 1), ..., 2^n - 1}``.
+  """
+
+  latent: jax.Array
+  scale: jax.Array
+  bits: int = struct.field(pytree_node=False, default=8)
+
+  @property
+  def n_bits(self) -> int:
+    return self.bits
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.latent.shape)
+
+  @property
+  def num_weights(self) -> int:
+    return int(np.prod(self.shape))
+
+
 def place_values(n_bits: int, dtype=jnp.float32) -> jax.Array:
   """Constant place values ``2^b`` for ``b = 0..n_bits-1``, shape ``[n_bits]``."""
   return jnp.asarray(2.0 ** np.arange(n_bits), dtype)
@@ -77,54 +126,72 @@ def _levels(n_bits: int) -> float:
 
 
 def plane_sum(w: BSQWeight) -> jax.Array:
-  """``sum_b (W_p^(b) - W_n^(b)) 2^b``, the unrounded integer of Eq. (1),
-  shape ``w.shape``. One contraction over the bit axis."""
+  """``sum_b (W_p^(b) - W_n^(b)) 2^b``, the unrounded, unclamped integer of
+  Eq. (1), shape ``w.shape``. One contraction over the bit axis."""
   diff = w.pos_planes - w.neg_planes
   return jnp.tensordot(place_values(w.n_bits, diff.dtype), diff, axes=1)
 
 
-def materialize(w: BSQWeight, beta=None, hard: bool = False) -> jax.Array:
-  """The weight of Eq. (1): ``s/(2^n-1) * Round[sum_b (W_p^b - W_n^b) 2^b]``.
+def _unscaled(w) -> jax.Array:
+  """The layer's real-valued integer before rounding, ``(2^n - 1)`` times
+  the authors' normalized weight: the plane sum, or ``latent (2^n - 1)``."""
+  if isinstance(w, BSQFinetuneWeight):
+    return w.latent * _levels(w.bits)
+  return plane_sum(w)
 
-  The rounding passes the gradient straight through, so
-  ``dW/dW_p^(b) = 2^b s/(2^n-1)`` (and minus that for ``W_n^(b)``), and
-  ``dW/ds = Round[...]/(2^n-1)``. ``beta``/``hard`` are accepted for the
-  uniform quantizer interface; the forward pass is always exactly quantized.
+
+def _clip_round_ste(x: jax.Array, levels: float) -> jax.Array:
+  """``clip(round(x), -levels, levels)`` forward, identity backward (the
+  authors' ``bit_STE``: clamp and round, gradient passed through both)."""
+  return x + jax.lax.stop_gradient(jnp.clip(jnp.round(x), -levels, levels) - x)
+
+
+def materialize(w, beta=None, hard: bool = False) -> jax.Array:
+  """The layer's weight: ``s/(2^n-1) * clip(Round[x], -(2^n-1), 2^n-1)`` with
+  ``x`` the plane sum (search, Eq. 1) or ``latent (2^n - 1)`` (finetune).
+
+  Rounding and clamp pass the gradient straight through, as the authors'
+  ``bit_STE``: ``dW/dW_p^(b) = 2^b s/(2^n-1)`` (minus that for ``W_n^(b)``),
+  ``dW/dlatent = s``, and ``dW/ds = q/(2^n-1)``. ``beta``/``hard`` are
+  accepted for the uniform quantizer interface; the forward pass is always
+  exactly quantized.
 
   Returns:
-    The weight, shape ``w.shape``, dtype of the planes.
+    The weight, shape ``w.shape``, dtype of the parameters.
   """
   del beta, hard
-  return (w.scale / _levels(w.n_bits)) * round_ste(plane_sum(w))
+  levels = _levels(w.n_bits)
+  return (w.scale / levels) * _clip_round_ste(_unscaled(w), levels)
 
 
-def integer_weights(w: BSQWeight) -> jax.Array:
-  """Signed integers ``q = Round[sum_b (W_p^b - W_n^b) 2^b]`` (int32) with
-  ``materialize(w) = s/(2^n-1) * q``. Before ``requantize``, ``|q|`` may
-  exceed ``2^n - 1`` (at most ``2^(n+1) - 2``)."""
-  return jnp.round(plane_sum(w)).astype(jnp.int32)
+def integer_weights(w) -> jax.Array:
+  """Signed integers ``q`` (int32) in ``[-(2^n - 1), 2^n - 1]`` with
+  ``materialize(w) = s/(2^n-1) * q``."""
+  levels = _levels(w.n_bits)
+  return jnp.clip(jnp.round(_unscaled(w)), -levels, levels).astype(jnp.int32)
 
 
-def step_size(w: BSQWeight) -> jax.Array:
+def step_size(w) -> jax.Array:
   """Weight value of one integer unit: ``materialize(w) = step_size * integer_weights``."""
   return w.scale / _levels(w.n_bits)
 
 
-def precision(w: BSQWeight) -> jax.Array:
+def precision(w) -> jax.Array:
   """Bits the layer uses: its number of planes ``n`` (int32 scalar).
 
-  The planes are pruned only by ``requantize``, so this is the precision as of
-  the last re-quantization; it is static (from the shape).
+  The planes are pruned only by ``requantize``, so in the search this is the
+  precision as of the last re-quantization; in the finetune it is fixed.
+  Static (from the shape or the static field).
   """
   return jnp.asarray(w.n_bits, jnp.int32)
 
 
 def effective_precision(w: BSQWeight) -> jax.Array:
-  """Planes the layer would keep if re-quantized now, ``bitlength(max|q|)``
-  (at least 1), an int32 scalar; traceable. Between re-quantizations this is
-  where the group Lasso has taken the layer (``precision`` only follows at
-  the next ``requantize``)."""
-  m = jnp.max(jnp.abs(jnp.round(jax.lax.stop_gradient(plane_sum(w)))))
+  """Planes the layer would keep if re-quantized now (threshold 0):
+  ``bitlength(max|q|)``, at least 1, an int32 scalar; traceable. Between
+  re-quantizations this is where the group Lasso has taken the layer
+  (``precision`` only follows at the next ``requantize``)."""
+  m = jnp.max(jnp.abs(jax.lax.stop_gradient(integer_weights(w)))).astype(jnp.float32)
   return jnp.maximum(jnp.ceil(jnp.log2(m + 1.0)), 1.0).astype(jnp.int32)
 
 
@@ -142,7 +209,8 @@ def _binary_planes(q: np.ndarray, n_bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def init_from_float(kernel: jax.Array, bits: int = 8) -> BSQWeight:
-  """Binary planes of the ``bits``-bit symmetric linear quantization of ``kernel``.
+  """Binary planes of the ``bits``-bit symmetric linear quantization of
+  ``kernel`` (the authors' ``ini2bit``).
 
   ``s = max|W|`` (1 for an all-zero kernel) and ``|q| = round(|W| (2^n-1) / s)``;
   bit ``b`` of ``|q|`` is 1 in the plane of the weight's sign and 0 elsewhere,
@@ -167,124 +235,137 @@ def init_from_float(kernel: jax.Array, bits: int = 8) -> BSQWeight:
 
 def clamp_planes(w: BSQWeight) -> BSQWeight:
   """Project the planes onto ``[0, 2]`` (BSQ's clamp after every optimizer
-  step); the scale is left alone. Traceable, shape-preserving."""
+  step in ``cifar_prune_STE.py``); the scale is left alone. Traceable."""
   return w.replace(
       pos_planes=jnp.clip(w.pos_planes, PLANE_MIN, PLANE_MAX),
       neg_planes=jnp.clip(w.neg_planes, PLANE_MIN, PLANE_MAX),
   )
 
 
-def _safe_norm(sq: jax.Array) -> jax.Array:
-  """``sqrt(sq)`` with gradient 0 (a subgradient) instead of NaN at ``sq = 0``."""
-  pos = sq > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
-
-
 def plane_norms(w: BSQWeight) -> jax.Array:
-  """``||[W_p^(b); W_n^(b)]||_2`` for each bit ``b``, shape ``[n_bits]``."""
+  """``sqrt(eps + ||W_p^(b)||^2 + ||W_n^(b)||^2)`` for each bit ``b``, shape
+  ``[n_bits]``, with the authors' ``eps = 1e-8`` (``L1reg``): finite, and a
+  zero gradient at an all-zero plane."""
   axes = tuple(range(1, w.pos_planes.ndim))
   sq = jnp.sum(jnp.square(w.pos_planes), axis=axes) + jnp.sum(jnp.square(w.neg_planes), axis=axes)
-  return _safe_norm(sq)
+  return jnp.sqrt(GROUP_EPS + sq)
 
 
 def group_lasso(w: BSQWeight) -> jax.Array:
   """BSQ's bit-level group Lasso of one layer (scalar):
 
-      B_GL(W) = sum_b sqrt(sum(W_p^(b)^2) + sum(W_n^(b)^2)),
+      B_GL(W) = sum_b sqrt(eps + sum(W_p^(b)^2) + sum(W_n^(b)^2)),
 
-  one group per bit plane, holding its positive and negative planes together.
-  The gradient of an all-zero group is taken as 0.
+  one group per bit plane, holding its positive and negative planes together
+  (the authors' ``L1reg`` without its memory factor).
   """
   return jnp.sum(plane_norms(w))
 
 
-def memory_shares(leaves: Mapping[str, BSQWeight]) -> dict[str, float]:
-  """Each layer's share of the model memory, ``N_l n_l / sum_k N_k n_k``.
+def memory_weights(leaves: Mapping[str, BSQWeight], num_params: int | None = None) -> dict[str, float]:
+  """Each layer's memory weight ``N_l n_l / sum_k N_k`` (the authors' ``L1reg``
+  factor ``total_weight * Nbits`` over ``total_param()``).
 
-  ``N_l`` is the layer's number of weights and ``n_l`` its precision (planes).
-  Python floats, summing to 1 (empty for no layers); constants for the
-  gradient, and they change only when ``requantize`` changes a precision.
+  ``N_l`` is the layer's number of weights and ``n_l`` its precision (planes);
+  ``sum_k N_k`` is ``num_params`` (the parameter count of every counted layer,
+  fixed-precision ones included) or, by default, that of ``leaves``. The
+  weights sum to the average precision (8 for an 8-bit model), so the
+  pressure of a fixed ``alpha`` falls only as the layers lose bits, and
+  ``alpha`` means what the authors' ``--decay`` means. Python floats,
+  constants for the gradient.
   """
-  bits = {k: float(v.num_weights) * float(v.n_bits) for k, v in leaves.items()}
-  total = sum(bits.values())
-  if total <= 0:
-    return {k: 0.0 for k in bits}
-  return {k: b / total for k, b in bits.items()}
+  if num_params is None:
+    num_params = sum(w.num_weights for w in leaves.values())
+  if num_params <= 0:
+    return {k: 0.0 for k in leaves}
+  return {k: float(w.num_weights) * float(w.n_bits) / float(num_params) for k, w in leaves.items()}
 
 
 def weighted_group_lasso(
     leaves: Mapping[str, BSQWeight],
     alpha,
-    shares: Mapping[str, float] | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> jax.Array:
-  """BSQ's memory-aware regularizer ``alpha * sum_l share_l * B_GL(W^l)``.
+  """BSQ's memory-aware regularizer (its Eq. 5 as coded):
+  ``alpha * sum_l N_l n_l B_GL(W^l) / sum_k N_k``.
 
   Args:
     leaves: ``{path: BSQWeight}`` of the regularized layers.
-    alpha: regularization strength.
-    shares: per-layer weights ``{path: share}``; by default
-      ``memory_shares(leaves)`` (memory of the layer over memory of the given
-      layers). Pass shares computed over a larger set of layers (e.g.
-      including fixed-precision ones) to change the denominator.
+    alpha: regularization strength (the authors' ``--decay``).
+    weights: per-layer weights ``{path: weight}``; by default
+      ``memory_weights(leaves)``.
 
   Returns:
     A float32 scalar.
   """
-  if shares is None:
-    shares = memory_shares(leaves)
+  if weights is None:
+    weights = memory_weights(leaves)
   total = jnp.zeros((), jnp.float32)
   for k, w in leaves.items():
-    total = total + shares[k] * group_lasso(w)
+    total = total + weights[k] * group_lasso(w)
   return alpha * total
 
 
 def requantize(w: BSQWeight, threshold: float = 0.0) -> BSQWeight:
-  """BSQ's periodic re-quantization and precision adjustment.
+  """BSQ's periodic re-quantization and precision adjustment (the authors'
+  ``quant`` then ``pruning(threshold, drop=True)``).
 
-  Runs between epochs on concrete arrays (numpy; not traceable). It may change
-  the number of planes, so the returned leaf has a new shape: the training
-  step re-traces and the optimizer state of this leaf must be re-initialized.
+  Runs between epochs on concrete arrays (numpy; not traceable). It may lower
+  the number of planes, never raise it, so the returned leaf may have a new
+  shape: the training step re-traces and the optimizer state of this leaf
+  must be re-initialized.
 
-  With ``q = integer_weights(w)`` (Eq. 1's rounded sum) and ``m = max|q|``:
+  With ``n`` planes, ``q = integer_weights(w)`` (the rounded sum clipped to
+  ``2^n - 1``, exactly what the forward pass computes) and ``f_b`` the
+  fraction of weights with bit ``b`` of ``|q|`` set:
 
-  1. Re-binarize: rewrite the planes as the exact binary decomposition of
-     ``|q|`` placed in the plane of ``q``'s sign (the other plane is 0).
-  2. Overflow / MSB drop: keep exactly ``bitlength(m)`` planes. When
-     ``m > 2^n - 1`` (planes up to 2 reach ``2^(n+1) - 2``) this adds a plane
-     instead of clipping; when the top planes of ``|q|`` are all zero they are
-     dropped.
-  3. LSB drop: from bit 0 upwards, drop each plane whose fraction of non-zero
-     entries (over all weights) is ``<= threshold``, stopping at the first
-     plane above it; ``threshold=0`` drops only all-zero planes. The dropped
-     bits are truncated: ``|q'| = |q| >> k`` for ``k`` dropped planes, exact
-     when those planes are all zero.
+  1. Re-binarize: the planes become the exact binary decomposition of ``|q|``
+     in the plane of ``q``'s sign; a sum above ``2^n - 1`` is clipped (the
+     layer does not grow).
+  2. MSB: from the top plane down, a plane with ``f_b = 0`` is dropped; one
+     with ``0 < f_b < threshold`` is dropped too and the magnitudes that
+     used it saturate at the new maximum, ``|q| <- min(|q|, 2^b - 1)`` (the
+     authors add the sparse MSB plane to every lower plane and clamp them to
+     1, which is that saturation); the first plane above the threshold stops.
+  3. LSB: from bit 0 up, each plane with ``f_b <= threshold`` is dropped and
+     its bits truncated, ``|q'| = |q| >> k`` for ``k`` dropped planes (exact
+     when they are all zero); the first plane above the threshold stops.
   At least one plane is kept (an all-zero layer keeps one zero plane).
+  ``threshold`` is a fraction (the authors' ``--thre`` percentage / 100).
 
-  Scale: with ``n'`` planes kept and ``k`` LSB planes dropped, the new integer
-  is ``q' = sign(q) (|q| >> k)`` and
+  Scale: with ``n'`` planes kept and ``k`` LSB planes dropped,
 
       s' = s * 2^k * (2^n' - 1) / (2^n - 1),
 
   so ``s'/(2^n'-1) * q' = s/(2^n-1) * 2^k q'``: every weight keeps its
-  represented value ``s/(2^n-1) * q`` exactly when the dropped LSB planes are
-  zero, and otherwise loses only its dropped low bits (``2^k q'`` is ``q``
-  with bits below ``k`` cleared). Steps 1-2 alone (``k = 0``) give
-  ``s' = s (2^n' - 1)/(2^n - 1)`` with ``q' = q``.
+  represented value when the dropped planes are zero, and otherwise loses
+  only its saturated high or truncated low bits.
 
   Args:
     w: the layer's planes.
-    threshold: largest non-zero fraction of an LSB plane that is dropped.
+    threshold: non-zero fraction below which an MSB plane, and at or below
+      which an LSB plane, is dropped.
 
   Returns:
-    A ``BSQWeight`` with ``n'`` binary planes, shape ``[n', *w.shape]``.
+    A ``BSQWeight`` with ``n' <= n`` binary planes, shape ``[n', *w.shape]``.
   """
   q = np.asarray(integer_weights(w), np.int64)
   n = w.n_bits
   mag = np.abs(q)
-  m = int(mag.max()) if mag.size else 0
-  top = max(m.bit_length(), 1)  # planes 0..top-1 hold |q|; higher ones are zero
+
+  def used(b):
+    return float(np.mean(((mag >> b) & 1) != 0)) if mag.size else 0.0
+
+  top = n  # planes 0..top-1 are kept
+  while top > 1:
+    f = used(top - 1)
+    if f > 0.0 and f >= threshold:
+      break
+    if f > 0.0:
+      mag = np.minimum(mag, 2 ** (top - 1) - 1)
+    top -= 1
   low = 0
-  while low < top - 1 and np.mean(((mag >> low) & 1) != 0) <= threshold:
+  while top - low > 1 and used(low) <= threshold:
     low += 1
   n_new = top - low
   q_new = np.sign(q) * (mag >> low)
@@ -294,7 +375,33 @@ def requantize(w: BSQWeight, threshold: float = 0.0) -> BSQWeight:
   return BSQWeight(jnp.asarray(pos), jnp.asarray(neg), jnp.asarray(s_new, jnp.float32))
 
 
-def check_shapes(w: BSQWeight) -> None:
+def to_finetune(w: BSQWeight) -> BSQFinetuneWeight:
+  """The finetune leaf of a (re-quantized) layer (the authors' ``to_finetune``):
+  ``latent = q / (2^n - 1)`` with ``q = integer_weights(w)``, the scale kept,
+  ``bits = n``; the weight is unchanged. Traceable."""
+  levels = _levels(w.n_bits)
+  latent = integer_weights(w).astype(jnp.float32) / levels
+  return BSQFinetuneWeight(latent=latent, scale=jnp.asarray(w.scale, jnp.float32), bits=w.n_bits)
+
+
+def clamp_latent(w: BSQFinetuneWeight) -> BSQFinetuneWeight:
+  """Project the latent onto ``[-1, 1]`` (the clamp after every step of
+  ``cifar_finetune.py``); the scale is left alone. Traceable."""
+  return w.replace(latent=jnp.clip(w.latent, -1.0, 1.0))
+
+
+def finetune_to_planes(w: BSQFinetuneWeight) -> BSQWeight:
+  """Exact binary planes of a finetuned layer at its fixed precision (the
+  authors' ``finetune_to_bit``): ``q = integer_weights(w)``, the scale kept,
+  ``w.bits`` planes, so ``materialize`` is unchanged bit for bit."""
+  pos, neg = _binary_planes(np.asarray(integer_weights(w), np.int64), w.bits)
+  return BSQWeight(jnp.asarray(pos), jnp.asarray(neg), jnp.asarray(w.scale, jnp.float32))
+
+
+def check_shapes(w) -> None:
   """Assert the documented shapes (``W_p``/``W_n`` alike, scalar ``s``)."""
+  if isinstance(w, BSQFinetuneWeight):
+    chex.assert_shape(w.scale, ())
+    return
   chex.assert_equal_shape([w.pos_planes, w.neg_planes])
   chex.assert_shape(w.scale, ())

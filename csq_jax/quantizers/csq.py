@@ -12,7 +12,8 @@ is exactly ``s / (2^n - 1)`` times a signed integer built from the selected
 bits, so the trained model is exactly quantized without any rounding.
 
 Unlike the authors' PyTorch code the place values are constants, not trainable
-parameters that weight decay shrinks.
+parameters that weight decay shrinks. A bit value reads ``I(m > 0)`` and a
+bit selection ``I(m_B >= 0)`` when hard (``gates``: the step at exactly 0).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def materialize(w: CSQWeight, beta, hard: bool = False) -> jax.Array:
   """
   n = w.n_bits
   if hard:
-    bits = gates.hard_gate(w.pos_logits) - gates.hard_gate(w.neg_logits)
+    bits = gates.hard_bit(w.pos_logits) - gates.hard_bit(w.neg_logits)
     coeff = place_values(n, bits.dtype) * bit_selection(w, beta, hard=True)
     return (w.scale / (2.0**n - 1.0)) * jnp.tensordot(coeff, bits, axes=1)
   dtype = w.pos_logits.dtype
@@ -164,7 +165,7 @@ def integer_weights(w: CSQWeight) -> jax.Array:
   Each ``q`` is a sum of ``d_b 2^b`` over the selected bits with digits
   ``d_b`` in ``{-1, 0, 1}``, so ``|q| <= sum of the selected place values``.
   """
-  digits = (gates.hard_gate(w.pos_logits) - gates.hard_gate(w.neg_logits)).astype(jnp.int32)
+  digits = (gates.hard_bit(w.pos_logits) - gates.hard_bit(w.neg_logits)).astype(jnp.int32)
   mask = bit_selection(w, None, hard=True).astype(jnp.int32)
   places = (2 ** jnp.arange(w.n_bits, dtype=jnp.int32)) * mask
   return jnp.tensordot(places, digits, axes=1)
@@ -192,27 +193,37 @@ def mask_regularizer(w: CSQWeight, beta) -> jax.Array:
 def init_from_float(
     kernel: jax.Array,
     n_bits: int = 8,
-    logit_init: float = 2.0,
+    logit_init: float = 1.0,
     mask_mode: MaskMode = "learned",
+    off_logit: float = 0.0,
 ) -> CSQWeight:
   """Bit planes of the ``n_bits`` symmetric linear quantization of ``kernel``.
 
   ``s = max|W|`` and ``q = round(|W| (2^n - 1) / s)``; bit ``b`` of ``q`` set
-  gives logit ``+logit_init`` in the plane of the weight's sign and
-  ``-logit_init`` elsewhere, so the hard materialization equals the rounded
-  kernel exactly and the soft one at temperature beta equals it times
-  ``tanh(beta * logit_init / 2)`` times the mask gate. Mask logits start at 0:
-  every bit is on (``I(0 >= 0) = 1``), as in the authors' code.
+  gives logit ``logit_init`` in the plane of the weight's sign, and every
+  other logit (unset bits, the opposite plane) is ``off_logit``. With the
+  defaults this is the authors' ``ini2bit`` (lawsonX/CSQ ``bits/bitcs.py``:
+  set bits 1, everything else exactly 0, so unset bits and the opposite plane
+  start on the gate's boundary, free to move either way); ``off_logit =
+  -logit_init`` is the symmetric start (every bit decided). Mask logits start
+  at 0 (``mask_initial_value``): every bit is selected. Either way the hard
+  materialization (``I(m > 0)`` per bit) equals the rounded kernel exactly.
+  At temperature beta the soft weight is the rounded kernel times
+  ``sigmoid(beta logit_init) - sigmoid(beta off_logit)`` times the mask gate
+  ``1/2``.
   """
   _check_mode(mask_mode)
+  if not off_logit <= 0.0 < logit_init:
+    raise ValueError(f"CSQ init needs off_logit <= 0 < logit_init (a set bit reads 1, any other 0); got"
+                     f" logit_init={logit_init}, off_logit={off_logit}.")
   kernel = jnp.asarray(kernel, jnp.float32)
   levels = 2.0**n_bits - 1.0
   scale = jnp.max(jnp.abs(kernel))
   scale = jnp.where(scale > 0, scale, 1.0)
   q = jnp.round(jnp.abs(kernel) / scale * levels).astype(jnp.int32)
   bits = (q[None] >> jnp.arange(n_bits).reshape((-1,) + (1,) * kernel.ndim)) & 1
-  on = jnp.where(bits == 1, logit_init, -logit_init)
-  off = jnp.full_like(on, -logit_init, dtype=jnp.float32)
+  on = jnp.where(bits == 1, logit_init, off_logit).astype(jnp.float32)
+  off = jnp.full_like(on, off_logit, dtype=jnp.float32)
   positive = (kernel >= 0)[None]
   return CSQWeight(
       pos_logits=jnp.where(positive, on, off),
@@ -253,7 +264,9 @@ def with_min_bits(w: CSQWeight, min_bits: int) -> CSQWeight:
   selected, the ``min_bits`` bits with the largest mask logits are switched
   on (their logits raised to 0). A 0-bit layer outputs zeros and cuts the
   network; the budget penalty of Eq. (7) alone can prune a layer's last bit.
-  Layers that already have enough bits are unchanged."""
+  Layers that already have enough bits are unchanged. Traceable: applied
+  after every search step, it is a projection onto the feasible masks, so
+  the budget term's ``Delta_S`` always counts the bits the layer keeps."""
   if w.mask_mode == "none" or min_bits <= 0:
     return w
   k = min(min_bits, w.mask_logits.shape[0])

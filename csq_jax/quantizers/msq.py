@@ -81,9 +81,17 @@ Choices the papers (as summarized to us) leave open, made here:
    (epochs, a sparsity threshold) is the caller's choice.
 6. ``Omega`` uses ``W^_n`` at the current precision (``k=0``; ``k > 0`` gives
    the error after pruning ``k`` bits), the plain, unsquared L2 norm, and the
-   Hutchinson trace as given (an estimate can be negative: that layer then
+   trace estimate as given (an estimate can be negative: that layer then
    counts as insensitive). "Below the mean" is strict: equal ``Omega`` for
    every layer prunes one bit from each.
+7. The traces are estimates (``hessian.hutchpp_trace``, layerwise Hutch++),
+   and on a trained network some layers sit within a few percent of the
+   mean ``Omega``, where no affordable estimate decides the side. With
+   their standard errors, ``prune_amounts`` gives ``k = 2`` only to layers
+   below the mean by ``z`` standard errors (``msq_hessian_z``); the
+   ``undecided`` layers first get more probes (``msq_hessian_max_probes``),
+   and those still undecided keep ``k = 1``, as if sensitive. ``z = 0`` is
+   the paper's rule.
 
 Everything is a pure function of the leaf; ``bits`` and ``k`` are Python ints
 (static under ``jit``).
@@ -328,28 +336,63 @@ def sensitivity(trace, w: MSQWeight, k: int = 0) -> jax.Array:
 def prune_amounts(
     omegas: Mapping[str, float],
     bits: Mapping[str, int] | None = None,
+    stderr: Mapping[str, float] | None = None,
+    z: float = 0.0,
 ) -> dict[str, int]:
   """Hessian-aware aggressive pruning: bits to drop from each layer.
 
-  ``k = 2`` for layers with ``Omega_l`` strictly below the mean over
-  ``omegas``, ``k = 1`` otherwise.
+  The paper's rule: ``k = 2`` for layers with ``Omega_l`` strictly below the
+  mean ``Omega_bar`` over ``omegas``, ``k = 1`` otherwise. With estimated
+  traces (``stderr`` given and ``z > 0``) a layer gets ``k = 2`` only when it
+  is below the mean by more than ``z`` standard errors of the difference,
+
+      Omega_l - Omega_bar < -z sigma_l,
+      sigma_l^2 = sum_m (delta_lm - 1/L)^2 sigma(Omega_m)^2
+
+  (independent per-layer estimates), so a layer whose side of the mean the
+  estimate cannot tell keeps the conservative ``k = 1``, and the choice
+  does not follow the probe seed.
 
   Args:
     omegas: ``{path: Omega_l}`` (floats or scalar arrays).
     bits: optional ``{path: current precision}``; ``k`` is then capped at
       ``bits - 1`` so that no layer goes below 1 bit (a 1-bit layer gets 0).
+    stderr: optional ``{path: standard error of Omega_l}``, e.g.
+      ``sensitivity(trace_stderr, w)`` (``Omega`` is linear in the trace).
+    z: the margin in standard errors; 0 is the paper's rule.
 
   Returns:
     ``{path: k}`` with Python ints, in the order of ``omegas``.
   """
-  if not omegas:
-    return {}
-  values = {name: float(v) for name, v in omegas.items()}
-  mean = float(np.mean(list(values.values())))
   out = {}
-  for name, v in values.items():
-    k = 2 if v < mean else 1
+  for name, (g, m) in _gaps_and_margins(omegas, stderr, z).items():
+    k = 2 if g < -m else 1
     if bits is not None:
       k = max(0, min(k, int(bits[name]) - 1))
     out[name] = k
   return out
+
+
+def _gaps_and_margins(omegas, stderr, z):
+  """``{path: (Omega_l - mean, z sigma_l)}`` (margin 0 without ``stderr`` or ``z``)."""
+  if not omegas:
+    return {}
+  names = list(omegas)
+  values = np.array([float(omegas[n]) for n in names], np.float64)
+  gap = values - values.mean()
+  if stderr is not None and z > 0:
+    var = np.array([float(stderr[n]) for n in names], np.float64) ** 2
+    L = len(names)
+    # Var(Omega_l - mean) = (1 - 2/L) var_l + sum_m var_m / L^2.
+    margin = z * np.sqrt((1.0 - 2.0 / L) * var + var.sum() / L**2)
+  else:
+    margin = np.zeros_like(gap)
+  return {n: (float(g), float(m)) for n, g, m in zip(names, gap, margin)}
+
+
+def undecided(omegas: Mapping[str, float], stderr: Mapping[str, float], z: float) -> list[str]:
+  """The layers whose side of the mean ``Omega`` the estimate cannot tell:
+  ``|Omega_l - mean| <= z sigma_l`` (see ``prune_amounts``). A caller adds
+  probes to them (``hessian.hutchpp_trace(refine=...)``); those left
+  undecided get ``k = 1``."""
+  return [n for n, (g, m) in _gaps_and_margins(omegas, stderr, z).items() if abs(g) <= m and m > 0]
