@@ -82,7 +82,11 @@ def main(argv: Sequence[str]) -> None:
   os.makedirs(workdir, exist_ok=True)
   axes = [sweep.parse_axis(a) for a in sweep.SWEEP.value]
   runs = sweep_runs(_METHODS.value, [float(t) for t in _TARGETS.value], axes)
-  outcomes = sweep.execute(sweep.CONFIG.value, workdir, runs, common, sweep.PARALLEL.value, prefix="[compare]")
+  if sweep.DRY_RUN.value:
+    sweep.dry_run(sweep.CONFIG.value, workdir, runs, common, sweep.ON_CHANGED_CONFIG.value, prefix="[compare]")
+    return
+  outcomes = sweep.execute(sweep.CONFIG.value, workdir, runs, common, sweep.PARALLEL.value, prefix="[compare]",
+                           on_changed=sweep.ON_CHANGED_CONFIG.value)
   table = rows([o.summary for o in outcomes if o.summary is not None])
   report.atomic_write_text(os.path.join(workdir, "comparison.md"), markdown(table))
   report.atomic_write_text(os.path.join(workdir, "comparison.csv"), csv_text(table))
@@ -92,4 +96,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  sweep.run_app(main)
+  sweep.run_app(main, __doc__, ("csq_jax.compare", "csq_jax.sweep"))

@@ -131,6 +131,14 @@ def common() -> ml_collections.ConfigDict:
   c.eval_every = 5  # epochs
   c.keep_checkpoints = 2
   c.checkpoint_every_steps = 0  # also save every this many steps mid-epoch (0: epoch ends only)
+  # A workdir's checkpoints record the run's config; resuming (or rerunning a
+  # finished run) with a config that differs in a field that changes the result
+  # is refused. allow_resume_changes lists the fields (comma-separated, e.g.
+  # "num_epochs,learning_rate") that may differ when resuming deliberately.
+  c.allow_resume_changes = ""
+  # A checkpoint whose files fail their checksums is refused; True: set it
+  # aside (workdir/corrupt_checkpoints) and resume from the newest earlier one.
+  c.checkpoint_fallback = False
   c.check_finite_every_steps = 100  # how often the loss is checked for NaN/Inf (a host sync)
   c.tensorboard = True
   c.progress = True

@@ -10,8 +10,12 @@ run is ``python -m csq_jax.main`` in its own process (its own peak memory), in
 ``workdir/<name>`` (``csq_t2``, ``fp``, ``reg_strength0.01``: the values of
 the axes), its output in ``train.log`` there. ``--parallel=N`` runs N at a
 time (default 1: one after the other). A run whose ``summary.json`` exists is
-not repeated and an interrupted one resumes from its checkpoint; a failed run
-is reported and the others go on. Any ``--config.<field>=value`` given here is
+not repeated when its stored config equals the one requested now (every field
+that changes the result); one finished with another config is refused before
+anything trains, listing the differing fields, or, with
+``--on_changed_config=new_dir``, trained again in ``<name>.2`` (``.3``, ...).
+An interrupted run resumes from its checkpoint; a failed run is reported and
+the others go on. Any ``--config.<field>=value`` given here is
 passed to every run. At the end, ``report.md`` and its figures
 (``csq_jax.report``) are written in ``workdir`` for this sweep's runs.
 """
@@ -33,13 +37,20 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import app, flags
+from ml_collections import config_flags
 
-from csq_jax import report, transform
+from csq_jax import checkpoint, cli, report, transform
 
 CONFIG = flags.DEFINE_string("config", "configs/default.py", "Config file (as for csq_jax.main).")
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the report.", required=True)
 SWEEP = flags.DEFINE_multi_string("sweep", [], "An axis FIELD=V1,V2,...; several axes run their product.")
 PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time, each its own process.", lower_bound=1)
+DRY_RUN = flags.DEFINE_bool("dry_run", False, "Check the flags and every run's config, print each run's"
+                            " directory and whether it is reused or trained, and exit without training.")
+ON_CHANGED_CONFIG = flags.DEFINE_enum(
+    "on_changed_config", "refuse", ["refuse", "new_dir"],
+    "A run directory that holds a finished run of another config: refuse (list the differing fields, train"
+    " nothing) or new_dir (train this config in <name>.2, .3, ...; a later sweep reuses it).")
 
 Axis = tuple[str, list[str]]
 
@@ -145,6 +156,89 @@ def command(config: str, workdir: str, run: Run, common: Sequence[str]) -> list[
           "--config.progress=False", *(f"--config.{f}={v}" for f, v in run.overrides), *common]
 
 
+def requested_config(config: str, run: Run, common: Sequence[str] = ()):
+  """The config ``run`` trains with: the file ``config`` (``PATH[:ARG]``)
+  with the run's and the ``common`` overrides, parsed as ``csq_jax.main``
+  parses them (``config_flags``)."""
+  argv = ["sweep", f"--config={config}", *(f"--config.{f}={v}" for f, v in run.overrides), *common]
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return holder.value
+
+
+def stored_config_differences(run_dir: str, wanted) -> list[str] | None:
+  """``[description of the differing fields]`` where the finished run in
+  ``run_dir`` differs from the config ``wanted``, ``[]`` for the same run,
+  None if none finished there."""
+  path = os.path.join(run_dir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    stored = json.load(f).get("config")
+  if not stored:
+    return ["its summary.json records no config (written by an older version)"]
+  current = checkpoint.config_fields(wanted)
+  diff = checkpoint.config_differences(stored, current, wanted.method)
+  return [checkpoint.describe_differences(stored, current, diff)] if diff else []
+
+
+def place_runs(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str] = (),
+               on_changed: str = "refuse") -> list[str]:
+  """The directory of each run: the first of ``workdir/<name>``,
+  ``<name>.2``, ``<name>.3``, ... that is empty, unfinished or a finished run
+  of this very config (reused). Where every existing one finished with another
+  config, a new ``<name>.N`` with ``on_changed="new_dir"``; else the sweep is
+  refused (``app.UsageError`` listing every such run and its differing
+  fields) before anything trains."""
+  dirs, refused = [], []
+  for run in runs:
+    try:
+      wanted = requested_config(config, run, common)
+    except Exception as e:  # noqa: BLE001  (a bad override: one line)
+      args = ["sweep", *(f"--config.{f}={v}" for f, v in run.overrides), *common]
+      raise app.UsageError(cli.unknown_override(args, config)
+                           or f"{run.name}: the config does not load with its overrides ({e}).") from None
+    base = os.path.join(workdir, run.name)
+    candidate, n, first_diff = base, 1, None
+    while True:
+      diff = stored_config_differences(candidate, wanted)
+      if not diff:  # empty or unfinished (trains or resumes there), or the same config (reused)
+        break
+      first_diff = first_diff or diff[0]
+      n += 1
+      candidate = f"{base}.{n}"
+      if not os.path.exists(candidate) and on_changed != "new_dir":
+        refused.append(f"{base} was trained with another config: {first_diff}")
+        break
+    dirs.append(candidate)
+  if refused:
+    raise app.UsageError(
+        "Finished runs would be reused with a config other than the one requested: " + "; ".join(refused)
+        + ". Use a new --workdir, rerun with the stored settings, or pass --on_changed_config=new_dir to train"
+        " the requested config in a new directory next to each.")
+  return dirs
+
+
+def dry_run(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str] = (),
+            on_changed: str = "refuse", prefix: str = "[sweep]") -> None:
+  """Print where each run would go and whether it would be reused or trained;
+  exit with an error naming the runs whose config ``csq_jax.main`` would refuse."""
+  from csq_jax import train  # noqa: PLC0415  (the training stack, for its config checks)
+
+  invalid = []
+  for run, wd in zip(runs, place_runs(config, workdir, runs, common, on_changed)):
+    finished = os.path.exists(os.path.join(wd, "summary.json"))
+    print(f"{prefix} {run.name}: {'reuse the finished run in' if finished else 'train in'} {wd}")
+    try:
+      train.validate_config(requested_config(config, run, common))
+    except train.ConfigError as e:
+      invalid.append(f"{run.name} ({e})")
+  if invalid:
+    sys.exit(f"csq_jax: error: {len(invalid)} of {len(runs)} runs have a config that cannot run: "
+             + "; ".join(invalid))
+
+
 def _tail(path: str, lines: int = 15) -> str:
   try:
     with open(path, errors="replace") as f:
@@ -154,10 +248,13 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def execute(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str] = (), parallel: int = 1,
-            prefix: str = "[sweep]", echo: Callable[[str], None] = print) -> list[Outcome]:
-  """Train every run lacking a ``summary.json`` (``parallel`` at a time), in
-  the order of ``runs``; a failure is recorded and the others go on.
-  Returns one ``Outcome`` per run, in that order."""
+            prefix: str = "[sweep]", echo: Callable[[str], None] = print,
+            on_changed: str = "refuse") -> list[Outcome]:
+  """Train every run lacking a ``summary.json`` of its config (``parallel``
+  at a time, directories from ``place_runs``), in the order of ``runs``; a
+  failure is recorded and the others go on. Returns one ``Outcome`` per run,
+  in that order."""
+  places = dict(zip(runs, place_runs(config, workdir, runs, common, on_changed)))
   lock = threading.Lock()
 
   def say(msg):
@@ -172,7 +269,7 @@ def execute(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
   def one(run: Run) -> Outcome:
-    wd = os.path.join(workdir, run.name)
+    wd = places[run]
     path = os.path.join(wd, "summary.json")
     out = Outcome(run, wd)
     if not os.path.exists(path):
@@ -182,7 +279,7 @@ def execute(config: str, workdir: str, runs: Sequence[Run], common: Sequence[str
       os.makedirs(wd, exist_ok=True)
       log = os.path.join(wd, "train.log")
       cmd = command(config, wd, run, common)
-      say(f"{run.name}: training, log in {log}")
+      say(f"{os.path.relpath(wd, workdir)}: training, log in {log}")
       t0 = time.time()
       with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd[1:])}\n")
@@ -258,17 +355,19 @@ def main(argv: Sequence[str]) -> None:
   runs = plan(axes)
   os.makedirs(WORKDIR.value, exist_ok=True)
   print(f"[sweep] {len(runs)} runs in {WORKDIR.value}: {', '.join(r.name for r in runs)}", flush=True)
-  finish(WORKDIR.value, execute(CONFIG.value, WORKDIR.value, runs, common, PARALLEL.value))
+  if DRY_RUN.value:
+    dry_run(CONFIG.value, WORKDIR.value, runs, common, ON_CHANGED_CONFIG.value)
+    return
+  finish(WORKDIR.value, execute(CONFIG.value, WORKDIR.value, runs, common, PARALLEL.value,
+                                on_changed=ON_CHANGED_CONFIG.value))
 
 
-def run_app(main_fn: Callable[[list[str]], None]) -> None:
+def run_app(main_fn: Callable[[list[str]], None], doc: str = __doc__,
+            modules: Sequence[str] = ("csq_jax.sweep",)) -> None:
   """``app.run(main_fn)`` with the ``--config.<field>`` arguments kept out of
   absl's parser (it would reject them as unknown flags) and handed to
   ``main_fn`` with the rest of argv."""
-  argv = sys.argv
-  passed = [a for a in argv[1:] if a.startswith("--config.")]
-  sys.argv = [a for a in argv if not a.startswith("--config.")]
-  app.run(lambda rest: main_fn(list(rest) + passed))
+  cli.run(main_fn, doc, [*modules, "__main__"], keep_overrides_out=True)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,68 @@ class ConfigError(ValueError):
 # Config checks
 
 SEARCH_METHODS = ("csq", "bsq", "msq")  # mixed precision found under the budget
+FIXED_METHODS = ("ste", "csq_uniform")  # every quantized layer at target_bits
+
+
+def _number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _int_at_least(lo: int):
+  return lambda x, c: isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _at_least(lo: float, strict: bool = False):
+  return lambda x, c: _number(x) and (x > lo if strict else x >= lo)
+
+
+def _fraction(x, c) -> bool:
+  return _number(x) and 0.0 <= x < 1.0
+
+
+# (field, check(value, config), what is expected): numeric fields validated up front.
+FIELD_RANGES = (
+    ("seed", _int_at_least(0), "an integer >= 0"),
+    ("image_size", _int_at_least(1), "an integer >= 1"),
+    ("data_workers", _int_at_least(0), "an integer >= 0 (0: threads in this process)"),
+    ("prefetch_batches", _int_at_least(0), "an integer >= 0"),
+    ("num_epochs", _int_at_least(1), "an integer >= 1"),
+    ("finetune_epochs", _int_at_least(0), "an integer >= 0"),
+    ("batch_size", _int_at_least(1), "an integer >= 1"),
+    ("eval_batch_size", _int_at_least(1), "an integer >= 1 (test examples per evaluation batch)"),
+    ("learning_rate", _at_least(0.0, strict=True), "a number > 0"),
+    ("finetune_learning_rate", lambda x, c: c.finetune_epochs == 0 or _at_least(0.0, True)(x, c),
+     "a number > 0 when finetune_epochs > 0"),
+    ("warmup_epochs", lambda x, c: _number(x) and 0 <= x < c.num_epochs, "a number in [0, num_epochs)"),
+    ("momentum", _fraction, "a number in [0, 1)"),
+    ("mask_momentum", _fraction, "a number in [0, 1)"),
+    ("weight_decay", _at_least(0.0), "a number >= 0"),
+    ("lr_step_factor", _at_least(0.0, strict=True), "a number > 0"),
+    ("reg_strength", _at_least(0.0), "a number >= 0 (lambda of Eq. 7)"),
+    ("beta0", _at_least(0.0, strict=True), "a number > 0"),
+    ("beta_max", _at_least(0.0, strict=True), "a number > 0"),
+    ("finetune_beta0", _at_least(0.0, strict=True), "a number > 0"),
+    ("finetune_beta_max", _at_least(0.0, strict=True), "a number > 0"),
+    ("min_layer_bits", lambda x, c: _int_at_least(0)(x, c) and x <= c.n_bits, "an integer in [0, n_bits]"),
+    ("csq_init", lambda x, c: x in ("float", "random"), "'float' or 'random'"),
+    ("logit_init", _at_least(0.0, strict=True), "a number > 0"),
+    ("csq_mask_clamp", _at_least(0.0, strict=True), "a number > 0"),
+    ("bsq_alpha", _at_least(0.0), "a number >= 0"),
+    ("bsq_requant_every", _int_at_least(1), "an integer >= 1 (epochs)"),
+    ("msq_lambda", _at_least(0.0), "a number >= 0"),
+    ("msq_prune_every", _int_at_least(1), "an integer >= 1 (epochs)"),
+    ("msq_hessian_probes", _int_at_least(1), "an integer >= 1"),
+    ("msq_hessian_batches", _int_at_least(1), "an integer >= 1"),
+    ("budget_tolerance", _at_least(0.0), "a number >= 0"),
+    ("act_bits", lambda x, c: isinstance(x, int) and 1 <= x <= 32, "an integer in [1, 32] (32: float activations)"),
+    ("bn_recalibration_epochs", _int_at_least(0), "an integer >= 0"),
+    ("eval_every", _int_at_least(1), "an integer >= 1 (epochs)"),
+    ("keep_checkpoints", _int_at_least(1), "an integer >= 1"),
+    ("checkpoint_every_steps", _int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
+    ("check_finite_every_steps", _int_at_least(1), "an integer >= 1"),
+    ("fp_accuracy", lambda x, c: _number(x) and (x == -1 or 0 <= x <= 1), "-1 (unknown) or a fraction in [0, 1]"),
+    ("allow_resume_changes", lambda x, c: isinstance(x, str), "comma-separated config fields"),
+)
 LR_DECAYS = ("cosine", "step")
 
 
@@ -84,6 +146,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"target_bits={config.target_bits} is impossible with n_bits={config.n_bits} bit planes:"
         f" choose a target in [1, {config.n_bits}] (or raise n_bits)."
+    )
+  if config.method in FIXED_METHODS and not (1 <= config.target_bits <= config.n_bits
+                                             and float(config.target_bits).is_integer()):
+    raise ConfigError(
+        f"target_bits={config.target_bits} cannot be the fixed precision of method {config.method}: choose a whole"
+        f" number of bits in [1, {config.n_bits}] (n_bits={config.n_bits}; raise n_bits for more)."
     )
   if config.budget_weighting not in budget.WEIGHTINGS:
     raise ConfigError(f"Unknown budget_weighting {config.budget_weighting!r}; expected one of {budget.WEIGHTINGS}.")
@@ -110,6 +178,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"msq_threshold is a fraction of weights, in [0, 1]; got {config.msq_threshold}.")
   if config.method == "bsq" and not 0.0 <= config.bsq_threshold < 1.0:
     raise ConfigError(f"bsq_threshold is a fraction of weights, in [0, 1); got {config.bsq_threshold}.")
+  for field, ok, expected in FIELD_RANGES:
+    if field in config and not ok(config[field], config):
+      raise ConfigError(f"{field}={config[field]!r} is out of range: expected {expected}.")
   try:
     mesh = sharding.mesh_shape(config.get("mesh", sharding.DEFAULT_MESH), jax.device_count())
   except ValueError as e:
@@ -123,6 +194,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     quantize_spec(config)
   except (ValueError, TypeError, re.error) as e:
     raise ConfigError(str(e)) from e
+
+
+def check_rules_quantize(config, rules_report: transform.TransformReport) -> None:
+  """A quantizing method whose rules select no parameter would train (and
+  report) a float model: a ``ConfigError`` naming the model's kernels."""
+  if config.method == "fp" or rules_report.quantized_paths():
+    return
+  kernels = [p for p in rules_report.actions if p.endswith("kernel")] or list(rules_report.actions)
+  raise ConfigError(
+      f"config.rules {[tuple(r) for r in config.rules]} quantize no parameter of {config.model}, so method"
+      f" {config.method} would train a float model. Write rules that match its kernels (e.g."
+      f" {', '.join(kernels[:3])}; pattern '.*kernel' matches all), or use --config.method=fp."
+  )
 
 
 def uniform_bits(config) -> int:
@@ -444,6 +528,13 @@ def evaluate(eval_step, state: TrainState, ds: data.Dataset, batch_size: int, be
 # The loop
 
 
+def _echo(line: str) -> None:
+  """Print a line above the progress bar."""
+  from tqdm.auto import tqdm
+
+  tqdm.write(line)
+
+
 def _progress(total: int, desc: str, enabled: bool):
   from tqdm.auto import tqdm
 
@@ -465,6 +556,12 @@ def restore_state(mngr, step: int, init: TrainState, phases: list[Phase], method
   saved with: ``init`` moved to the checkpoint's phase (finetune: the
   method's fixed scheme) and to the per-layer precisions it recorded (BSQ
   planes, MSQ bits), then filled from the checkpoint."""
+  return restore_state_and_meta(mngr, step, init, phases, method, config)[0]
+
+
+def restore_state_and_meta(mngr, step: int, init: TrainState, phases: list[Phase], method: methods.Method,
+                           config) -> tuple[TrainState, dict]:
+  """``restore_state`` and the checkpoint's ``meta``."""
 
   def template(meta):
     phase = phases[meta["phase_index"]]
@@ -472,8 +569,26 @@ def restore_state(mngr, step: int, init: TrainState, phases: list[Phase], method
     params = method.restructure(t.params, meta.get("structure", {}))
     return t.replace(params=params, opt_state=phase.tx.init(params))
 
-  state, _ = checkpoint.restore(mngr, step, template, config)
-  return state
+  return checkpoint.restore(mngr, step, template, config)
+
+
+def restore_latest(mngr, init: TrainState, phases: list[Phase], method: methods.Method, config):
+  """``(state, meta, step)`` of the latest checkpoint (``(init, {}, 0)`` if
+  none). A corrupt one (checksum mismatch) is refused, unless
+  ``config.checkpoint_fallback``: then it is moved to ``corrupt_checkpoints/``
+  and the newest earlier intact one is restored."""
+  while True:
+    step = checkpoint.latest_step(mngr) or 0
+    if not step:
+      return init, {}, 0
+    try:
+      state, meta = restore_state_and_meta(mngr, step, init, phases, method, config)
+      return state, meta, step
+    except checkpoint.ChecksumError as e:
+      if not config.get("checkpoint_fallback", False):
+        raise
+      moved = checkpoint.set_aside(mngr, step)
+      logging.warning("%s Falling back (checkpoint_fallback): moved it to %s.", str(e).split(" Nothing")[0], moved)
 
 
 class PreemptionGuard:
@@ -508,13 +623,53 @@ class PreemptionGuard:
     return self.requested
 
 
-def _check_finite(per_step: list[dict[str, jax.Array]], first_step: int, epoch: int, phase: Phase,
-                  mngr, saved_step: int) -> None:
-  """Raise ``NonFiniteLossError`` naming the first step of ``per_step``
-  (global steps ``first_step, first_step + 1, ...``) whose loss is NaN/Inf."""
+class _EpochSums:
+  """Running sums of the epoch's per-step train metrics, added in step order
+  in float64 on the host, so that the mean over an epoch resumed mid-way
+  (the sums carried in the checkpoint's ``meta``) equals the uninterrupted one."""
+
+  def __init__(self, sums: dict[str, float] | None = None, steps: int = 0):
+    self.sums = dict(sums or {})
+    self.steps = int(steps)
+
+  @classmethod
+  def from_meta(cls, meta: dict) -> "_EpochSums":
+    return cls(meta.get("train_sums"), meta.get("train_steps", 0))
+
+  def to_meta(self) -> dict:
+    return {"train_sums": dict(self.sums), "train_steps": self.steps}
+
+  def add(self, values: dict[str, np.ndarray]) -> None:
+    n = 0
+    for k, v in values.items():
+      total = self.sums.get(k, 0.0)
+      for x in np.asarray(v, np.float64).reshape(-1):
+        total += float(x)
+      self.sums[k] = total
+      n = np.size(v)
+    self.steps += n
+
+  def means(self) -> dict[str, float]:
+    return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
+def _pulled(per_step: list[dict[str, jax.Array]], first_step: int, epoch: int, phase: Phase,
+            mngr, saved_step: int) -> dict[str, np.ndarray]:
+  """The metrics of ``per_step`` on the host (one transfer), ``{name: [steps]}``,
+  after ``_check_finite``."""
   if not per_step:
+    return {}
+  values = jax.device_get({k: jnp.stack([m[k] for m in per_step]) for k in per_step[0]})
+  _check_finite(values["loss"], first_step, epoch, phase, mngr, saved_step)
+  return values
+
+
+def _check_finite(losses, first_step: int, epoch: int, phase: Phase, mngr, saved_step: int) -> None:
+  """Raise ``NonFiniteLossError`` naming the first step of ``losses``
+  (global steps ``first_step, first_step + 1, ...``) whose loss is NaN/Inf."""
+  losses = np.asarray(losses)
+  if losses.size == 0:
     return
-  losses = np.asarray(jax.device_get(jnp.stack([m["loss"] for m in per_step])))
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size == 0:
     return
@@ -527,6 +682,61 @@ def _check_finite(per_step: list[dict[str, jax.Array]], first_step: int, epoch: 
       + " Lower learning_rate or the method's penalty strength (reg_strength, bsq_alpha, msq_lambda)"
       " and rerun."
   )
+
+
+def phase_epochs(config) -> list[tuple[str, int]]:
+  """``(name, epochs)`` of each phase ``make_phases`` makes."""
+  rounds = int(config.get("csq_rounds", 1))
+  out = [(config.method if rounds == 1 else f"{config.method}_round{r + 1}",
+          config.num_epochs // rounds + (r < config.num_epochs % rounds)) for r in range(rounds)]
+  return out + ([("finetune", config.finetune_epochs)] if config.finetune_epochs > 0 else [])
+
+
+def run_plan(config, workdir: str, ds: data.Dataset | None = None, first_epoch: int = 0, saved_step: int = 0) -> str:
+  """One line saying what the run will do: method, data, budget, phases,
+  where the outputs go (and where it resumes)."""
+  if config.method == "fp":
+    budget_text = "float weights (no quantization)"
+  elif config.method in SEARCH_METHODS:
+    budget_text = f"mixed precision searched for an average of {config.target_bits:g} bits ({config.n_bits} bit planes)"
+  else:
+    budget_text = f"every quantized layer at {uniform_bits(config)} bits"
+  phases = phase_epochs(config)
+  steps = " + ".join(f"{n} {name} epoch{'s' if n != 1 else ''}" for name, n in phases)
+  tail = ", then BN recalibration" if config.bn_recalibration_epochs > 0 else ""
+  total = sum(n for _, n in phases)
+  resume = ("" if not saved_step else
+            f" Resuming after step {saved_step} (epoch {first_epoch + 1} of {total})." if first_epoch < total else
+            f" Its training finished (step {saved_step}): only the final evaluation and export run again.")
+  data_text = f"{ds.name} ({config.model}, {ds.num_train} training images)" if ds else f"{config.dataset} ({config.model})"
+  return (f"csq_jax: {config.method} on {data_text}, {budget_text}:"
+          f" {steps}{tail}, evaluation of the {'float' if config.method == 'fp' else 'exactly quantized'} model"
+          f" and export. Outputs in {workdir}"
+          f" (summary.json, model.csqx, metrics.jsonl).{resume}")
+
+
+def epoch_line(epoch: int, total: int, metrics: dict[str, Any], config) -> str:
+  """The terminal line of an epoch: the task loss and the method's penalty
+  apart (CSQ's budget term is negative while the model is under budget), test
+  accuracy of the hard-quantized and of the soft model, and the precision."""
+  m = metrics
+  parts = [f"epoch {epoch}/{total} {m['phase']}:", f"task loss {m['train_ce']:.4f}"]
+  if m["phase"] != "finetune" and config.method in SEARCH_METHODS:
+    parts.append(f"penalty {m['train_penalty']:+.4f}")
+  parts.append(f"train acc {100 * m['train_accuracy']:.1f}%")
+  if "test_accuracy" in m:
+    test = f"test acc hard {100 * m['test_accuracy']:.1f}%"
+    if "test_accuracy_soft" in m:
+      test += f" soft {100 * m['test_accuracy_soft']:.1f}%"
+    parts.append(test)
+  if config.method != "fp":
+    parts.append(f"avg bits {m['avg_bits']:.3f}" + (f" (target {config.target_bits:g})"
+                                                      if config.method in SEARCH_METHODS else ""))
+    parts.append(f"compression {m['compression']:.2f}x" if "compression" in m
+                 else "every bit pruned for now (the search regrows them)")
+    if config.method not in ("ste",):
+      parts.append(f"beta {m['beta']:.3g}")
+  return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
 
 def _peak_memory() -> dict[str, float]:
@@ -554,22 +764,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = create_model(config, ds.num_classes, ds.image_shape)
   mesh = sharding.make_mesh(config.get("mesh", sharding.DEFAULT_MESH))
   state, rules_report = init_state(config, model, ds.image_shape, phases[0], jax.random.key(config.seed))
+  check_rules_quantize(config, rules_report)
   state = sharding.place(state, sharding.state_sharding(mesh, state))  # also the template a restore fills
-  identity = checkpoint.run_identity(config)
+  identity = {**checkpoint.run_identity(config), "config": checkpoint.config_fields(config)}
 
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   chief = distributed.is_chief()  # only process 0 writes metrics, the summary and plots
-  writer = metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard) if chief else metric_writers.NullWriter()
-  saved = checkpoint.latest_step(mngr) or 0  # checkpoints are numbered by global train step
+  # checkpoints are numbered by global train step; a refused one stops here, before anything is written
+  state, saved_meta, saved = restore_latest(mngr, state, phases, method, config)
   if saved:
-    state = restore_state(mngr, saved, state, phases, method, config)
     logging.info("Resumed from %s after step %d.", mngr.directory, saved)
   first_epoch, resume_batch = divmod(saved, spe)
+  writer = (metric_writers.MetricWriter(workdir, tensorboard=config.tensorboard, echo=False) if chief
+            else metric_writers.NullWriter())
   writer.truncate(first_epoch)
+  if chief:
+    print(run_plan(config, workdir, ds, first_epoch, saved), flush=True)
+  # Running sums of this epoch's train metrics (carried in mid-epoch checkpoints).
+  sums = _EpochSums.from_meta(saved_meta) if resume_batch else _EpochSums()
 
   def save(global_step: int):
     meta = {**identity, "step": global_step, "epoch": global_step / spe, "phase_index": pi,
-            "structure": method.structure(state.params)}
+            "structure": method.structure(state.params),
+            **(sums.to_meta() if global_step % spe else _EpochSums().to_meta())}
     checkpoint.save(mngr, global_step, state, meta)
 
   eval_hard = make_eval_step(model, hard=True, mesh=mesh)
@@ -592,7 +809,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if rounds > 1 and epoch == config.csq_rewind_epoch and start == 0:  # the early weights later rounds rewind to
         checkpoint.save_rewind(workdir, state)
       t0 = time.perf_counter()
-      per_step, checked = [], 0
+      pending, done = [], 0  # metrics of steps not yet pulled to the host; steps run here
+      if start == 0:
+        sums = _EpochSums()
       first_step = epoch * spe + start + 1  # global step number of this process's first step here
       batches = data.to_iterator(
           data.train_batches(ds, config.batch_size, config.seed, epoch, start=start, **process_rows()),
@@ -601,14 +820,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.update(start)
         for batch in batches:
           state, m = steps[pi](state, batch)
-          per_step.append(m)
+          pending.append(m)
+          done += 1
           bar.update(1)
-          global_step = first_step + len(per_step) - 1
+          global_step = first_step + done - 1
           stop = guard.should_stop(mngr, global_step)
           periodic = save_every > 0 and global_step % save_every == 0 and global_step % spe != 0
-          if stop or periodic or len(per_step) - checked >= check_every:
-            _check_finite(per_step[checked:], first_step + checked, epoch, phase, mngr, saved)
-            checked = len(per_step)
+          if stop or periodic or len(pending) >= check_every:
+            sums.add(_pulled(pending, first_step + done - len(pending), epoch, phase, mngr, saved))
+            pending = []
           if stop or periodic:
             save(global_step)
             saved = global_step
@@ -616,8 +836,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             raise Preempted(
                 f"Preempted (SIGTERM) at step {global_step} (epoch {epoch + 1}); the checkpoint of"
                 f" that step is saved in {mngr.directory}. Rerun the same command to resume.")
-      _check_finite(per_step[checked:], first_step + checked, epoch, phase, mngr, saved)
-      train = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.mean(jnp.stack(x)), *per_step))
+      sums.add(_pulled(pending, first_step + done - len(pending), epoch, phase, mngr, saved))
+      train = sums.means()  # over every step of the epoch, those before a resume included
       epoch_time = time.perf_counter() - t0
       epoch_times.append(epoch_time)
       metrics = {f"train_{k}": v for k, v in train.items()}
@@ -638,14 +858,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.eval_soft:  # the model as trained, gates at the current temperature
           beta = phase.beta(state.step)
           metrics["test_accuracy_soft"], _ = evaluate(eval_soft, state, ds, config.eval_batch_size, beta)
+      size_bits = float(budget.model_size_bits(state.params))
       metrics.update(
           phase=phase.name, beta=float(phase.beta(state.step)),
           avg_bits=float(budget.average_bits(state.params, "params")),
-          model_size_bits=float(budget.model_size_bits(state.params)),
-          compression=float(budget.compression(state.params)),
+          model_size_bits=size_bits,
           epoch_time_s=epoch_time,
       )
+      if size_bits > 0 or not budget.layer_sizes(state.params):  # no compression of a model with no bit left
+        metrics["compression"] = float(budget.compression(state.params))
       writer.write(epoch + 1, metrics)
+      if chief:
+        _echo(epoch_line(epoch + 1, total_epochs, metrics, config))
       save((epoch + 1) * spe)
       saved = (epoch + 1) * spe
   writer.close()

@@ -49,14 +49,23 @@ class Rule:
   def __post_init__(self):
     if self.action not in ACTIONS:
       raise ValueError(f"Rule {self.pattern!r}: unknown action {self.action!r}; expected one of {ACTIONS}.")
-    re.compile(self.pattern)
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"Rule {self.pattern!r}: the pattern is not a valid regular expression ({e});"
+                       " fix it in config.rules.") from None
     if self.bits is not None and not 1 <= self.bits <= 16:
       raise ValueError(f"Rule {self.pattern!r}: bits must be in 1..16, got {self.bits}.")
 
 
 def rules_from_config(items: Iterable[Sequence[Any]]) -> tuple[Rule, ...]:
   """Rules from config tuples ``(pattern, action[, bits])``."""
-  return tuple(Rule(*item) for item in items)
+  rules = []
+  for i, item in enumerate(items):
+    if isinstance(item, str) or not 1 <= len(item) <= 3:
+      raise ValueError(f"Rule {i} {item!r}: write (pattern, action[, bits]), e.g. ('.*kernel', 'quantize').")
+    rules.append(Rule(*item))
+  return tuple(rules)
 
 
 @dataclasses.dataclass(frozen=True)

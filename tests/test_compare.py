@@ -48,3 +48,12 @@ def test_compare_command_runs_methods_and_reuses_finished_runs(tmp_path):
   assert "| ste | 4 | 4.000 | 8.00x |" in out.stdout
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0 and "[compare]" not in again.stdout  # nothing retrained
+
+
+def test_compare_help_lists_every_flag_and_exits_0():
+  out = subprocess.run([sys.executable, "-m", "csq_jax.compare", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  for flag in ("--workdir:", "--config:", "--parallel:", "--methods:", "--targets:", "--sweep:", "--[no]dry_run:",
+               "--on_changed_config:", "--config.<field>=value"):
+    assert flag in out.stdout, flag

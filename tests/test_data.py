@@ -146,3 +146,44 @@ def test_digits_resume_and_processes_reproduce_the_global_batches():
       np.testing.assert_array_equal(np.concatenate([e[i][key] for e in evals]), b[key])
   with pytest.raises(data.DataError, match="not divisible"):
     data.train_batches(ds, 64, 0, 0, process_count=3)
+
+
+def _save_npz(path, x_train, y_train, x_test, y_test):
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  return str(path)
+
+
+def test_mixed_image_dtypes_are_refused_and_one_scale_serves_both_splits(tmp_path):
+  """Float [0, 255] train images with uint8 test images: refused (the test
+  images were once normalized to a constant). Within one dtype, the same
+  pixels normalize the same in both splits."""
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (16, 6, 6, 1), dtype=np.uint8)
+  labels = np.arange(16) % 2
+  path = _save_npz(tmp_path / "mixed.npz", pixels.astype(np.float32), labels, pixels, labels)
+  with pytest.raises(data.DataError, match=r"train images are float32 and test images uint8.*same dtype"):
+    data.load_npz_dataset(path)
+  for dtype in (np.uint8, np.float32):
+    ds = data.load_npz_dataset(_save_npz(tmp_path / "same.npz", pixels.astype(dtype), labels,
+                                         pixels.astype(dtype), labels))
+    test = np.concatenate([b["image"] for b in data.eval_batches(ds, 16)])
+    np.testing.assert_allclose(test, ds.normalize(pixels.astype(dtype)), rtol=1e-6)
+    assert test.std() > 0.5  # standardized, not one value
+
+
+@pytest.mark.parametrize("split,index", [("x_train", 3), ("x_test", 1)])
+def test_non_finite_images_are_refused_at_load_naming_split_and_index(tmp_path, split, index):
+  arrays = {"x_train": np.zeros((8, 4, 4, 1), np.float32), "x_test": np.zeros((4, 4, 4, 1), np.float32)}
+  arrays[split][index, 2, 1, 0] = np.nan if split == "x_train" else np.inf
+  path = _save_npz(tmp_path / "bad.npz", arrays["x_train"], np.arange(8) % 2, arrays["x_test"], np.arange(4) % 2)
+  with pytest.raises(data.DataError, match=rf"{split}\[{index}\] holds NaN or Inf"):
+    data.load_npz_dataset(path)
+
+
+def test_a_class_present_only_in_the_test_set_is_named_in_a_warning(tmp_path, caplog):
+  x = np.zeros((8, 4, 4, 1), np.float32)
+  path = _save_npz(tmp_path / "c.npz", x, np.arange(8) % 3, x[:4], np.array([0, 1, 5, 7]))
+  with caplog.at_level("WARNING"):
+    ds = data.load_npz_dataset(path)
+  assert ds.num_classes == 8
+  assert "classes [5, 7] occur in the test set but not in the training set" in caplog.text

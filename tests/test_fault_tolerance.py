@@ -1,5 +1,6 @@
 """Fault tolerance: preemption mid-epoch, SIGTERM, periodic checkpoints."""
 
+import json
 import os
 import re
 import signal
@@ -45,6 +46,13 @@ def test_preemption_mid_epoch_saves_that_step_and_resumes_bit_identically(tiny_c
   assert resumed["test_accuracy"] == full["test_accuracy"]
   _assert_bitwise_equal(restore_final_state(tiny_config, tmp_path / "full"),
                         restore_final_state(tiny_config, tmp_path / "resumed"))
+  # The resumed epoch's train averages cover the steps before the preemption
+  # too (their running sums are carried in the checkpoint).
+  full_records, resumed_records = (
+      [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "resumed"))
+  assert [r["epoch"] for r in resumed_records] == [1, 2, 3]
+  for f, r in zip(full_records, resumed_records):
+    assert {k: v for k, v in f.items() if k.startswith("train_")} == {k: v for k, v in r.items() if k.startswith("train_")}
 
 
 def test_periodic_checkpoints_are_numbered_by_global_step(tiny_config, tmp_path):
@@ -93,3 +101,40 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_rerun_matches(tmp_path
   config.num_epochs, config.finetune_epochs = 6, 0
   _assert_bitwise_equal(restore_final_state(config, tmp_path / "full"), restore_final_state(config, tmp_path / "run"))
 
+
+
+def _garble_largest_state_file(step_dir):
+  """Change 64 bytes in the middle of the checkpoint's largest array file
+  (same size): orbax restores such a file without error, with other values."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs]
+  path = max(files, key=os.path.getsize)
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.seek(size // 2)
+    chunk = f.read(64)
+    f.seek(size // 2)
+    f.write(bytes(b ^ 0x55 for b in chunk))
+  assert os.path.getsize(path) == size
+
+
+def test_garbled_checkpoint_of_unchanged_size_is_refused_and_nothing_is_overwritten(tiny_config, tmp_path):
+  """A checkpoint whose bytes changed (size unchanged) fails its checksum:
+  one line naming the step and what to do, and summary.json, model.csqx and
+  metrics.jsonl are kept. With checkpoint_fallback it is set aside and the
+  run resumes from the previous step, to the same result."""
+  full = train.train_and_evaluate(tiny_config, str(tmp_path))  # 2 epochs: 2 checkpoints
+  outputs = {n: (tmp_path / n).read_bytes() for n in ("summary.json", "model.csqx", "metrics.jsonl")}
+  last = checkpoint.manager(str(tmp_path)).latest_step()
+  _garble_largest_state_file(tmp_path / "checkpoints" / str(last))
+  with pytest.raises(checkpoint.CheckpointError, match=rf"Checkpoint {last} in .* is corrupt: 1 file\(s\) differ"
+                                                      r".*--config.checkpoint_fallback=True") as e:
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert "\n" not in str(e.value)
+  for name, content in outputs.items():
+    assert (tmp_path / name).read_bytes() == content, name
+
+  tiny_config.checkpoint_fallback = True
+  again = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert again["test_accuracy"] == full["test_accuracy"] and again["avg_bits"] == full["avg_bits"]
+  assert (tmp_path / "corrupt_checkpoints" / str(last)).is_dir()
+  assert checkpoint.manager(str(tmp_path)).latest_step() == last

@@ -72,3 +72,43 @@ def test_sweep_trains_reports_keeps_going_after_a_failure_and_reuses(tmp_path):
   assert (tmp_path / "precision_per_layer.png").stat().st_size > 10_000
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert "[sweep] t3:" not in again.stdout and "0 trained, 1 reused, 1 failed." in again.stdout
+
+
+def _fake_finished_run(run_dir, config):
+  """A finished run's summary.json, as training writes it, for ``config``."""
+  run_dir.mkdir(parents=True)
+  (run_dir / "summary.json").write_text(json.dumps({"method": config.method,
+                                                    "config": json.loads(config.to_json_best_effort())}))
+
+
+def test_finished_runs_are_reused_only_with_the_requested_config(tmp_path):
+  """A 6-epoch run is not reused for a 150-epoch request: the sweep refuses
+  before training anything, naming the run and the differing fields, or
+  trains into t3.2 when asked; a later sweep reuses the run of its config."""
+  config = "configs/default.py"
+  (run,) = sweep.plan([("target_bits", ["3"])])
+  six = sweep.requested_config(f"{ROOT}/{config}", run, ["--config.num_epochs=6"])
+  _fake_finished_run(tmp_path / "t3", six)
+  same = sweep.place_runs(f"{ROOT}/{config}", str(tmp_path), [run], ["--config.num_epochs=6",
+                                                                      "--config.progress=True"])
+  assert same == [str(tmp_path / "t3")]  # bookkeeping fields do not matter
+  with pytest.raises(app.UsageError, match=r"t3 was trained with another config: num_epochs: 6 \(stored\) vs 150"
+                                           r" \(now\).*--on_changed_config=new_dir"):
+    sweep.place_runs(f"{ROOT}/{config}", str(tmp_path), [run], [])
+  assert sweep.place_runs(f"{ROOT}/{config}", str(tmp_path), [run], [], "new_dir") == [str(tmp_path / "t3.2")]
+  _fake_finished_run(tmp_path / "t3.2", sweep.requested_config(f"{ROOT}/{config}", run, []))
+  assert sweep.place_runs(f"{ROOT}/{config}", str(tmp_path), [run], []) == [str(tmp_path / "t3.2")]
+  with pytest.raises(app.UsageError, match="no field 'num_epoch'"):
+    sweep.place_runs(f"{ROOT}/{config}", str(tmp_path), [run], ["--config.num_epoch=6"])
+
+
+def test_sweep_command_refuses_a_finished_run_of_another_config(tmp_path):
+  (run,) = sweep.plan([("target_bits", ["3"])])
+  _fake_finished_run(tmp_path / "t3", sweep.requested_config(f"{ROOT}/configs/default.py", run,
+                                                             ["--config.num_epochs=6"]))
+  cmd = [sys.executable, "-m", "csq_jax.sweep", "--config=configs/default.py", f"--workdir={tmp_path}",
+         "--sweep=target_bits=3"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "num_epochs: 6 (stored) vs 150 (now)" in out.stderr
+  assert not (tmp_path / "t3" / "train.log").exists()  # nothing trained

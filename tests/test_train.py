@@ -130,6 +130,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_config, tmp_p
   summary_before = (tmp_path / "summary.json").read_text()
   tiny_config.num_epochs = 3
   tiny_config.learning_rate = 1e30  # diverges in the resumed epoch
+  tiny_config.allow_resume_changes = "num_epochs,learning_rate"  # resumed deliberately with another config
   (saved,) = checkpoint.manager(str(tmp_path)).all_steps()
   with pytest.raises(train.NonFiniteLossError, match=rf"epoch 2.*last good checkpoint \(step {saved}\)") as e:
     train.train_and_evaluate(tiny_config, str(tmp_path))
@@ -204,3 +205,63 @@ def test_main_cli_reports_bad_model_in_one_line(tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "Unknown model 'resnet99'" in out.stderr
+
+
+def test_rerun_of_a_finished_run_with_another_config_is_refused(tiny_config, tmp_path):
+  """A finished workdir rerun at another target is not relabelled: the
+  differing fields are listed with how to start anew or resume deliberately,
+  and summary.json is kept."""
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  summary = (tmp_path / "summary.json").read_text()
+  tiny_config.target_bits = 2.0
+  tiny_config.reg_strength = 0.1
+  tiny_config.progress = True  # bookkeeping: not a difference
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"belong to another run: the config differs in target_bits: 3.0 \(stored\) vs 2.0 \(now\),"
+                           r" reg_strength: 0.3 \(stored\) vs 0.1 \(now\)\. Nothing was overwritten\. Start a new run"
+                           r" with a new --workdir, or resume this one deliberately with"
+                           r" --config.allow_resume_changes=target_bits,reg_strength\.$"):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert (tmp_path / "summary.json").read_text() == summary
+
+
+def test_config_comparison_skips_bookkeeping_ignored_and_allowed_fields(tiny_config):
+  stored = checkpoint.config_fields(tiny_config)
+  changed = tiny_config.copy_and_resolve_references()
+  changed.eval_every, changed.progress, changed.eval_batch_size = 1, True, 7  # bookkeeping
+  changed.msq_lambda = 0.5  # a knob CSQ ignores
+  checkpoint.check_same_config(stored, changed, "x")
+  changed.num_epochs = 9
+  with pytest.raises(checkpoint.CheckpointError, match="num_epochs: 2 \\(stored\\) vs 9 \\(now\\)"):
+    checkpoint.check_same_config(stored, changed, "x")
+  changed.allow_resume_changes = "num_epochs"
+  checkpoint.check_same_config(stored, changed, "x")
+
+
+def test_terminal_says_what_the_run_does_and_shows_hard_and_soft_accuracy(tiny_config, tmp_path, capsys):
+  """One line at start (phases, epochs, target, outputs); per epoch the task
+  loss apart from the penalty, hard and soft test accuracy, and no
+  placeholder compression while every bit is pruned."""
+  tiny_config.num_epochs = 1
+  tiny_config.min_layer_bits = 0
+  tiny_config.reg_strength = 100.0  # prunes every bit within the epoch
+  tiny_config.bn_recalibration_epochs = 0
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == (f"csq_jax: csq on digits (small_cnn, 1437 training images), mixed precision searched for an"
+                    f" average of 3 bits (8 bit planes): 1 csq epoch, evaluation of the exactly quantized model and"
+                    f" export. Outputs in {tmp_path} (summary.json, model.csqx, metrics.jsonl).")
+  line = next(l for l in out if l.startswith("epoch 1/1 csq: "))
+  assert re.search(r"task loss \d\.\d{4}, penalty [+-]\d+\.\d{4}, train acc \d+\.\d%, test acc hard \d+\.\d%"
+                   r" soft \d+\.\d%, avg bits 0\.000 \(target 3\), every bit pruned for now", line), line
+  record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  assert record["avg_bits"] == 0.0 and "compression" not in record
+
+
+def test_main_help_lists_every_flag_and_the_config_fields_and_exits_0():
+  out = subprocess.run([sys.executable, "-m", "csq_jax.main", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  for flag in ("--config:", "--workdir:", "--[no]dry_run:", "--config.<field>=value", "target_bits=", "allow_resume_changes="):
+    assert flag in out.stdout, flag

@@ -5,7 +5,10 @@
   shifted by up to one pixel.
 * ``npz:PATH``: a user's arrays ``x_train, y_train, x_test, y_test``; images
   NHWC (or NHW) uint8 or float, any size and channel count; the number of
-  classes is read off the labels.
+  classes is read off the labels. Both splits must share a dtype (uint8 is
+  scaled from [0, 255], once for both) and hold only finite values (checked at
+  load, naming the split and index); classes found only in the test split are
+  named in a warning.
 * ``tfds:NAME`` (e.g. ``tfds:cifar10``): a data set prepared in
   ``config.data_dir`` in the ArrayRecord format, read with tensorflow-datasets'
   ``data_source`` (random access, no TensorFlow) and the standard CIFAR
@@ -35,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import grain
 import numpy as np
+from absl import logging
 
 from csq_jax.data import augment, imagenet
 
@@ -88,14 +92,17 @@ class Dataset:
     return len(self.test)
 
 
-def _standardizer(mean, std) -> Callable[[np.ndarray], np.ndarray]:
+def _standardizer(mean, std, scale: float | None = None) -> Callable[[np.ndarray], np.ndarray]:
+  """``(images / scale - mean) / std``. ``scale`` is decided once for the data
+  set (255 for uint8 images); None: 255 for uint8 batches, 1 for float ones."""
   mean = np.asarray(mean, np.float32)
   std = np.asarray(std, np.float32)
 
   def normalize(images: np.ndarray) -> np.ndarray:
     x = images.astype(np.float32)
-    if images.dtype == np.uint8:
-      x = x / 255.0
+    s = scale if scale is not None else (255.0 if images.dtype == np.uint8 else 1.0)
+    if s != 1.0:
+      x = x / np.float32(s)
     return (x - mean) / std
 
   return normalize
@@ -106,9 +113,22 @@ def _array_dataset(name, x_train, y_train, x_test, y_test, augment_fn=None) -> D
   if x_train.shape[1:] != x_test.shape[1:]:
     raise DataError(f"{name}: train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ in shape.")
   y_train, y_test = (_as_labels(name, y, len(x)) for y, x in ((y_train, x_train), (y_test, x_test)))
-  scaled = x_train.astype(np.float32) / (255.0 if x_train.dtype == np.uint8 else 1.0)
+  if (x_train.dtype == np.uint8) != (x_test.dtype == np.uint8):
+    raise DataError(
+        f"{name}: train images are {x_train.dtype} and test images {x_test.dtype}, so their value ranges may"
+        " differ ([0, 255] for uint8); store both splits with the same dtype and range, e.g."
+        " x_test.astype(x_train.dtype).")
+  for split, x in (("x_train", x_train), ("x_test", x_test)):
+    _check_finite(name, split, x)
+  # One scale for both splits, from the declared range: uint8 is [0, 255].
+  scale = 255.0 if x_train.dtype == np.uint8 else 1.0
+  scaled = x_train.astype(np.float32) / scale
   mean = scaled.mean(axis=(0, 1, 2))
   std = scaled.std(axis=(0, 1, 2)) + 1e-6
+  unseen = sorted(set(np.unique(y_test).tolist()) - set(np.unique(y_train).tolist()))
+  if unseen:
+    logging.warning("%s: classes %s occur in the test set but not in the training set; the model gets outputs"
+                    " for them that are never trained, and their test examples count as errors.", name, unseen)
   num_classes = int(max(y_train.max(), y_test.max())) + 1
   return Dataset(
       name=name,
@@ -116,7 +136,7 @@ def _array_dataset(name, x_train, y_train, x_test, y_test, augment_fn=None) -> D
       test=ArraySource(x_test, y_test),
       num_classes=num_classes,
       image_shape=tuple(x_train.shape[1:]),
-      normalize=_standardizer(mean, std),
+      normalize=_standardizer(mean, std, scale),
       augment=augment_fn,
   )
 
@@ -130,6 +150,18 @@ def _as_nhwc(name: str, x: np.ndarray) -> np.ndarray:
   if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
     raise DataError(f"{name}: images must be uint8 or float, got {x.dtype}.")
   return x if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def _check_finite(name: str, split: str, x: np.ndarray) -> None:
+  """A ``DataError`` naming the split and the first example holding NaN or Inf."""
+  if x.dtype == np.uint8:
+    return
+  finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+  if not finite.all():
+    bad = np.flatnonzero(~finite)
+    raise DataError(
+        f"{name}: {split}[{bad[0]}] holds NaN or Inf ({len(bad)} example(s) of {split} do, indices"
+        f" {bad[:5].tolist()}{'...' if len(bad) > 5 else ''}); fix or drop them before training.")
 
 
 def _as_labels(name: str, y: np.ndarray, n: int) -> np.ndarray:
