@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from csq_jax.models.conv import Conv
 from csq_jax.quantizers.activations import ReLU
 
 ModuleDef = Callable[[], nn.Module]
@@ -120,18 +121,18 @@ class InvertedResidual(nn.Module):
     nonlin = lambda y: self.act()(y) if self.activation == "RE" else jax.nn.hard_swish(y)
     y = x
     if self.expanded != x.shape[-1]:
-      y = nn.Conv(self.expanded, (1, 1), use_bias=False, kernel_init=_conv_init(), dtype=self.dtype,
-                  name="expand_conv")(y)
+      y = Conv(self.expanded, (1, 1), use_bias=False, kernel_init=_conv_init(), dtype=self.dtype,
+               name="expand_conv")(y)
       y = nonlin(bn("expand_bn")(y))
     p = (self.kernel - 1) // 2
-    y = nn.Conv(self.expanded, (self.kernel, self.kernel), (self.strides, self.strides),
-                padding=((p, p), (p, p)), feature_group_count=self.expanded, use_bias=False,
-                kernel_init=_conv_init(), dtype=self.dtype, name="dw_conv")(y)
+    y = Conv(self.expanded, (self.kernel, self.kernel), (self.strides, self.strides),
+             padding=((p, p), (p, p)), feature_group_count=self.expanded, use_bias=False,
+             kernel_init=_conv_init(), dtype=self.dtype, name="dw_conv")(y)
     y = nonlin(bn("dw_bn")(y))
     if self.use_se:
       y = SqueezeExcitation(make_divisible(self.expanded // 4), self.dtype, name="se")(y)
-    y = nn.Conv(self.out, (1, 1), use_bias=False, kernel_init=_conv_init(), dtype=self.dtype,
-                name="project_conv")(y)
+    y = Conv(self.out, (1, 1), use_bias=False, kernel_init=_conv_init(), dtype=self.dtype,
+             name="project_conv")(y)
     y = bn("project_bn")(y)
     if self.strides == 1 and x.shape[-1] == self.out:
       y = y + x
@@ -156,13 +157,13 @@ class MobileNetV3(nn.Module):
     bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
                                    dtype=self.dtype, name=name)
     dense_init = nn.initializers.normal(0.01)
-    x = nn.Conv(self.stem_channels, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=_conv_init(), dtype=self.dtype, name="stem_conv")(x)
+    x = Conv(self.stem_channels, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+             kernel_init=_conv_init(), dtype=self.dtype, name="stem_conv")(x)
     x = jax.nn.hard_swish(bn("stem_bn")(x))
     for i, (k, exp, out, se, activation, s) in enumerate(self.blocks):
       x = InvertedResidual(k, exp, out, se, activation, s, self.act, self.dtype, name=f"block{i}")(x, train)
-    x = nn.Conv(6 * x.shape[-1], (1, 1), use_bias=False, kernel_init=_conv_init(), dtype=self.dtype,
-                name="last_conv")(x)
+    x = Conv(6 * x.shape[-1], (1, 1), use_bias=False, kernel_init=_conv_init(), dtype=self.dtype,
+             name="last_conv")(x)
     x = jax.nn.hard_swish(bn("last_bn")(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.last_channels, kernel_init=dense_init, dtype=self.dtype, name="pre_logits")(x)

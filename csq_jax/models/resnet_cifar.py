@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from csq_jax.models.conv import Conv
 from csq_jax.quantizers.activations import ReLU
 
 ModuleDef = Callable[[], nn.Module]
@@ -32,7 +33,7 @@ class BasicBlock(nn.Module):
     bn = lambda name: nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
     )
-    conv = lambda c, k, s, name: nn.Conv(
+    conv = lambda c, k, s, name: Conv(
         c, (k, k), (s, s), padding=((k // 2, k // 2),) * 2, use_bias=False,
         kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name=name,
     )
@@ -56,8 +57,8 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name="conv_init")(x)
+    x = Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+             kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name="conv_init")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      dtype=self.dtype, name="bn_init")(x)
     x = self.act()(x)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from csq_jax.models.conv import Conv
 from csq_jax.models.resnet_cifar import BasicBlock
 from csq_jax.quantizers.activations import ReLU
 
@@ -25,7 +26,7 @@ def _bn(train: bool, dtype, name: str) -> nn.BatchNorm:
 
 
 def _conv(c: int, k: int, s: int, dtype, name: str) -> nn.Conv:
-  return nn.Conv(
+  return Conv(
       c, (k, k), (s, s), padding=((k // 2, k // 2),) * 2, use_bias=False,
       kernel_init=nn.initializers.he_normal(), dtype=dtype, name=name,
   )
@@ -73,8 +74,8 @@ class ImageNetResNet(nn.Module):
     if self.block not in BLOCKS:
       raise ValueError(f"Unknown block {self.block!r}; expected one of {sorted(BLOCKS)}.")
     block_cls = BLOCKS[self.block]
-    x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name="conv_init")(x)
+    x = Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+             kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name="conv_init")(x)
     x = _bn(train, self.dtype, "bn_init")(x)
     x = self.act()(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from csq_jax.models.conv import Conv
 from csq_jax.quantizers.activations import ReLU
 
 
@@ -31,8 +32,8 @@ class SmallCNN(nn.Module):
       if s > 0 and min(x.shape[1:3]) >= 2:
         x = nn.max_pool(x, (2, 2), (2, 2))
       for width in widths:
-        x = nn.Conv(width, (3, 3), padding="SAME", use_bias=False,
-                    kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name=f"conv{k}")(x)
+        x = Conv(width, (3, 3), padding="SAME", use_bias=False,
+                 kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name=f"conv{k}")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name=f"bn{k}")(x)
         x = self.act()(x)

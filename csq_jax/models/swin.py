@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from csq_jax.models.conv import Conv
 from csq_jax.models.vit import Attention, DropPath, Mlp, dense_init
 from csq_jax.quantizers.activations import ReLU
 
@@ -168,7 +169,7 @@ class SwinTransformer(nn.Module):
                        " set img_size to the input resolution.")
     windows = self._windows()
     p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), (p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(x)
+    x = Conv(self.embed_dim, (p, p), (p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(x)
     x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name="patch_norm")(x).astype(self.dtype)
     total, k = sum(self.depths), 0
     for s, (depth, heads, (window, shift)) in enumerate(zip(self.depths, self.num_heads, windows)):

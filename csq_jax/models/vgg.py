@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from csq_jax.models.conv import Conv
 from csq_jax.quantizers.activations import ReLU
 
 # Output channels of each 3x3 conv; "M" is a 2x2 max pool.
@@ -50,8 +51,8 @@ class VGG(nn.Module):
       if v == "M":
         x = nn.max_pool(x, (2, 2), (2, 2))
         continue
-      x = nn.Conv(v, (3, 3), padding=((1, 1), (1, 1)), kernel_init=nn.initializers.he_normal(),
-                  dtype=self.dtype, name=f"conv{k}")(x)
+      x = Conv(v, (3, 3), padding=((1, 1), (1, 1)), kernel_init=nn.initializers.he_normal(),
+               dtype=self.dtype, name=f"conv{k}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype, name=f"bn{k}")(x)
       x = self.act()(x)

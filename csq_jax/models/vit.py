@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from csq_jax.models.conv import Conv
 from csq_jax.quantizers.activations import ReLU
 
 # Which kernels are quantized (transform.rules_from_config format; first full
@@ -142,7 +143,7 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"ViT built for {self.img_size}x{self.img_size} inputs got {x.shape[1]}x{x.shape[2]};"
                        " set img_size to the input resolution.")
     p, d = self.patch_size, self.embed_dim
-    x = nn.Conv(d, (p, p), (p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(x)
+    x = Conv(d, (p, p), (p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(x)
     x = x.reshape(x.shape[0], -1, d)
     cls = self.param("cls_token", dense_init, (1, 1, d))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, d)).astype(x.dtype), x], axis=1)

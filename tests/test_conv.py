@@ -1,0 +1,185 @@
+"""csq_jax.models.conv: values and gradients equal XLA's convolution (float64
+reference), the fast path is the one taken on CPU, and every model of the zoo
+builds its convolutions through it with unchanged parameters."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+
+from csq_jax.models import conv, create_model
+
+DN = ("NHWC", "HWIO", "NHWC")
+BATCH = 10  # >= conv._PIECES: the custom backward pass applies
+
+CASES = [
+    # (name, in_ch, out_ch, kernel, strides, padding, dilation, groups)
+    ("s1_same", 4, 6, 3, (1, 1), "SAME", (1, 1), 1),
+    ("s2_same", 4, 6, 3, (2, 2), "SAME", (1, 1), 1),
+    ("s1_valid", 3, 5, 3, (1, 1), "VALID", (1, 1), 1),
+    ("s2_explicit", 4, 6, 3, (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+    ("asymmetric_pad", 4, 6, 3, (1, 2), ((0, 2), (1, 0)), (1, 1), 1),
+    ("1x1_s2", 4, 8, 1, (2, 2), "VALID", (1, 1), 1),
+    ("depthwise_s1", 6, 6, 3, (1, 1), ((1, 1), (1, 1)), (1, 1), 6),
+    ("depthwise_s2_k5", 6, 12, 5, (2, 2), ((2, 2), (2, 2)), (1, 1), 6),
+    ("groups2", 4, 6, 3, (1, 1), "SAME", (1, 1), 2),
+    ("dilation2", 4, 6, 3, (1, 1), "SAME", (2, 2), 1),
+    ("patch_embed", 3, 8, 4, (4, 4), "VALID", (1, 1), 1),
+]
+
+
+def _operands(cin, cout, k, groups, seed=0, size=9, batch=BATCH):
+  r = np.random.default_rng(seed)
+  x = r.standard_normal((batch, size, size, cin))
+  w = r.standard_normal((k, k, cin // groups, cout)) / np.sqrt(k * k * cin / groups)
+  return x, w
+
+
+def _reference(x, w, g, strides, padding, dilation, groups):
+  """Float64 output and (dx, dw) = vjp(g) of XLA's own convolution."""
+  with jax.enable_x64(True):
+    f = lambda x_, w_: lax.conv_general_dilated(x_, w_, strides, padding, rhs_dilation=dilation,
+                                                dimension_numbers=DN, feature_group_count=groups)
+    y, vjp = jax.vjp(f, jnp.asarray(x, jnp.float64), jnp.asarray(w, jnp.float64))
+    dx, dw = vjp(jnp.asarray(g, jnp.float64))
+    return np.asarray(y), np.asarray(dx), np.asarray(dw)
+
+
+def _ours(x, w, g, strides, padding, dilation, groups, dtype, jit):
+  f = lambda x_, w_: conv.conv_general_dilated(x_, w_, strides, padding, rhs_dilation=dilation,
+                                               dimension_numbers=DN, feature_group_count=groups)
+
+  def value_and_grads(x_, w_, g_):
+    y, vjp = jax.vjp(f, x_, w_)
+    return (y, *vjp(g_))
+
+  fn = jax.jit(value_and_grads) if jit else value_and_grads
+  out = fn(jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(g, dtype))
+  return [np.asarray(a, np.float64) for a in out]
+
+
+def _assert_close(actual, desired, rtol, name):
+  scale = np.max(np.abs(desired)) + 1e-30
+  err = np.max(np.abs(actual - desired)) / scale
+  assert err <= rtol, f"{name}: max error {err:.2e} of max |ref| exceeds {rtol:.0e}"
+
+
+# Every case under jit; two also eagerly (op by op), which is slower to run.
+_RUNS = [pytest.param(c, True, id=f"{c[0]}-jit") for c in CASES] + [
+    pytest.param(c, False, id=f"{c[0]}-eager") for c in CASES if c[0] in ("s2_same", "depthwise_s2_k5")]
+
+
+@pytest.mark.parametrize("case,jit", _RUNS)
+def test_float32_value_and_gradients_match_float64_reference(case, jit):
+  _, cin, cout, k, strides, padding, dilation, groups = case
+  x, w = _operands(cin, cout, k, groups)
+  with jax.enable_x64(True):
+    y_shape = lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(w), strides, padding, rhs_dilation=dilation,
+                                       dimension_numbers=DN, feature_group_count=groups).shape
+  g = np.random.default_rng(1).standard_normal(y_shape)
+  y_ref, dx_ref, dw_ref = _reference(x, w, g, strides, padding, dilation, groups)
+  y, dx, dw = _ours(x, w, g, strides, padding, dilation, groups, jnp.float32, jit)
+  assert y.shape == y_ref.shape and dx.shape == dx_ref.shape and dw.shape == dw_ref.shape
+  for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+    _assert_close(a, b, 1e-5, name)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=["s2_same", "depthwise"])
+def test_bfloat16_matches_reference_loosely(case):
+  _, cin, cout, k, strides, padding, dilation, groups = case
+  x, w = _operands(cin, cout, k, groups, seed=3)
+  x, w = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, w))  # exact in both
+  with jax.enable_x64(True):
+    y_shape = lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(w), strides, padding,
+                                       dimension_numbers=DN, feature_group_count=groups).shape
+  g = np.asarray(jnp.asarray(np.random.default_rng(4).standard_normal(y_shape), jnp.bfloat16), np.float64)
+  refs = _reference(x, w, g, strides, padding, dilation, groups)
+  outs = _ours(x, w, g, strides, padding, dilation, groups, jnp.bfloat16, jit=True)
+  for name, a, b in zip(("y", "dx", "dw"), outs, refs):
+    _assert_close(a, b, 3e-2, name)
+
+
+def test_custom_backward_is_used_on_cpu_and_switched_off_by_the_knob(monkeypatch):
+  x, w = _operands(4, 6, 3, 1)
+  loss = lambda w_, x_: jnp.sum(conv.conv_general_dilated(x_, w_, (1, 1), "SAME", dimension_numbers=DN) ** 2)
+  grad_jaxpr = lambda: str(jax.make_jaxpr(jax.grad(loss))(jnp.asarray(w, jnp.float32), jnp.asarray(x, jnp.float32)))
+  assert jax.default_backend() == "cpu"
+  # The custom backward pass shows as the batch-reversed copies (concatenate).
+  monkeypatch.setenv(conv.ENV_VAR, "auto")
+  assert "concatenate" in grad_jaxpr()
+  monkeypatch.setenv(conv.ENV_VAR, "xla")
+  assert "concatenate" not in grad_jaxpr()
+  monkeypatch.setenv(conv.ENV_VAR, "bogus")
+  with pytest.raises(ValueError, match=conv.ENV_VAR):
+    grad_jaxpr()
+
+
+def test_small_batches_and_unsupported_arguments_fall_back_to_xla(monkeypatch):
+  monkeypatch.setenv(conv.ENV_VAR, "custom")
+  x, w = _operands(4, 6, 3, 1, batch=conv._PIECES - 1)
+  loss = lambda w_, x_: jnp.sum(conv.conv_general_dilated(x_, w_, (1, 1), "SAME", dimension_numbers=DN) ** 2)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(jnp.asarray(w, jnp.float32), jnp.asarray(x, jnp.float32)))
+  assert "concatenate" not in jaxpr
+  x, w = _operands(4, 6, 3, 1)
+  xf, wf = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+  dilated = conv.conv_general_dilated(xf, wf, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2), dimension_numbers=DN)
+  expected = lax.conv_general_dilated(xf, wf, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2), dimension_numbers=DN)
+  np.testing.assert_array_equal(np.asarray(dilated), np.asarray(expected))
+
+
+def _conv_modules(model, x):
+  """Every nn.Conv instance called while initializing ``model`` on ``x``."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+      seen.append(context.module)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  return seen, variables
+
+
+@pytest.mark.parametrize("name,size", [("small_cnn", 32), ("resnet20", 32), ("resnet18", 32), ("vgg19_bn", 32),
+                                       ("mobilenet_v3_large", 32), ("deit_s", 32), ("swin_t", 224)])
+def test_every_zoo_conv_goes_through_the_fast_conv(name, size):
+  model = create_model(name, num_classes=10, image_size=size)
+  convs, _ = _conv_modules(model, jnp.zeros((1, size, size, 3)))
+  assert convs, f"{name} has no convolution"
+  assert all(type(m) is conv.Conv and m.conv_general_dilated is conv.conv_general_dilated for m in convs)
+
+
+def test_resnet20_params_and_gradients_equal_with_xla_conv(monkeypatch):
+  """Same parameter tree with either convolution, and the training gradient of
+  ResNet-20 with the custom backward pass equals the one with XLA's."""
+  model = create_model("resnet20", num_classes=10)
+  x = jax.random.normal(jax.random.key(1), (BATCH, 16, 16, 3))
+  labels = jnp.arange(BATCH) % 10
+  variables = model.init(jax.random.key(0), x[:2], train=False)
+  paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"])}
+  assert "['stage1_block0']['conv1']['kernel']" in paths
+  assert "['stage2_block0']['shortcut_conv']['kernel']" in paths
+  assert "['conv_init']['kernel']" in paths
+
+  def grads():
+    def loss(params):
+      logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                              mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  monkeypatch.setenv(conv.ENV_VAR, "auto")
+  fast = grads()
+  monkeypatch.setenv(conv.ENV_VAR, "xla")
+  reference = grads()
+  assert jax.tree_util.tree_structure(fast) == jax.tree_util.tree_structure(reference)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fast), jax.tree_util.tree_leaves(reference)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
