@@ -411,3 +411,58 @@ def load_export(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, An
 def load_integers(path: str) -> dict[str, np.ndarray]:
   """``{"params/<path>": int64 q}`` of every quantized layer of a ``.csqx`` file."""
   return _decoded(path)[2]
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+CLI_DOC = """Export a finished run: ``python -m csq_jax.export --workdir=RUN [--format=csqx|onnx]``.
+
+``--format=csqx`` (the default) checks the run's ``model.csqx`` (written when
+the run finishes) and prints its size and layers; ``--format=onnx`` writes
+``RUN/model.onnx`` from it, for ONNX Runtime (``docs/onnx_export.md``), and
+prints its size against the float ONNX model's.
+"""
+
+FORMATS = ("csqx", "onnx")
+
+
+def export_workdir(workdir: str, fmt: str = "csqx", out: str | None = None) -> dict[str, Any]:
+  """What ``python -m csq_jax.export`` prints (one JSON object)."""
+  path = os.path.join(workdir, FILENAME)
+  if fmt == "onnx":
+    from csq_jax import onnx_export
+
+    return onnx_export.export_workdir(workdir, out)
+  if fmt != "csqx":
+    raise ExportError(f"Unknown export format {fmt!r}; expected one of {FORMATS}.")
+  header = read_manifest(path)
+  load_integers(path)  # decodes every layer: a complete, consistent file
+  return {"export": path, "format": "csqx", "export_bytes": os.path.getsize(path),
+          "quantized_layers": len(header["layers"]), "meta": header["meta"]}
+
+
+def _main(argv, flag_values) -> None:
+  from absl import app
+
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  workdir, fmt, out = (f.value for f in flag_values)
+  if not workdir:
+    raise app.UsageError("--workdir is required (the directory of a finished run).")
+  try:
+    print(json.dumps(export_workdir(workdir, fmt, out)))
+  except ExportError as e:
+    raise SystemExit(f"csq_jax: error: {e}") from None
+
+
+if __name__ == "__main__":
+  from absl import flags
+
+  from csq_jax import cli
+  from csq_jax import export as _export  # the module others import: its ExportError is the one raised
+
+  _flags = (flags.DEFINE_string("workdir", None, "Directory of a finished run (holds model.csqx)."),
+            flags.DEFINE_enum("format", "csqx", FORMATS, "csqx: check the run's model.csqx; onnx: write model.onnx."),
+            flags.DEFINE_string("out", None, "ONNX file to write (default: WORKDIR/model.onnx)."))
+  cli.run(lambda argv: _export._main(argv, _flags), CLI_DOC, ["csq_jax.export", "__main__"])
