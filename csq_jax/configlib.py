@@ -190,7 +190,8 @@ def parse_args(arg: str, extra: tuple[str, ...] = ()) -> set[str]:
 def apply_args(c: ml_collections.ConfigDict, args: set[str], recipes=None) -> ml_collections.ConfigDict:
   """Set the method (then its recipe, ``recipes[method](c)``), ``tN``, ``aN``
   and, last, ``runlocal``: 2 epochs (1 finetune), tiny batches, every periodic
-  action each epoch, so any experiment becomes a smoke test."""
+  action each epoch (MSQ's Hessian with 2 + 2 probes per layer), so any
+  experiment becomes a smoke test."""
   for a in args:
     bits = _BITS_ARG.fullmatch(a)
     if a in METHOD_ARGS:
@@ -208,6 +209,9 @@ def apply_args(c: ml_collections.ConfigDict, args: set[str], recipes=None) -> ml
     c.eval_every = 1
     c.bsq_requant_every = 1
     c.msq_prune_every = 1
+    c.msq_hessian_sketch = min(c.msq_hessian_sketch, 2)  # the Hessian path runs, on a small budget
+    c.msq_hessian_probes = min(c.msq_hessian_probes, 2)
+    c.msq_hessian_max_probes = min(c.msq_hessian_max_probes, 4)
   return c
 
 

@@ -1,10 +1,32 @@
 """Shared fixtures: tiny configs that run the real pipeline in seconds."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole session: the many
+  tests that train the same tiny model (in this process, in pytest-xdist's
+  workers and in the CLI subprocesses, which inherit the environment) compile
+  each step once. Set before JAX is imported by any test module; the
+  controller's environment reaches the workers it starts."""
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    config._csq_jax_cache = tempfile.mkdtemp(prefix="csq_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._csq_jax_cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+  """The session's cache goes with it (only the process that made it removes it)."""
+  cache = getattr(config, "_csq_jax_cache", None)
+  if cache:
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def load_config(name: str, arg: str = ""):

@@ -202,15 +202,17 @@ def test_init_from_float_hard_is_rounded_kernel(n_bits):
   assert int(csq.precision(w)) == n_bits
 
 
-@pytest.mark.parametrize("beta,logit_init", [(1.0, 2.0), (0.3, 2.0), (5.0, 0.5)])
-def test_init_from_float_soft_value(beta, logit_init):
+@pytest.mark.parametrize("beta,logit_init,off_logit", [(1.0, 2.0, -2.0), (0.3, 2.0, -2.0), (5.0, 0.5, -0.5),
+                                                      (1.0, 1.0, 0.0), (3.0, 1.0, 0.0)])
+def test_init_from_float_soft_value(beta, logit_init, off_logit):
   k = _kernel(1)
-  w = init_from_float(k, n_bits=8, logit_init=logit_init)
+  w = init_from_float(k, n_bits=8, logit_init=logit_init, off_logit=off_logit)
   hard = np.asarray(csq.materialize(w, beta, hard=True), np.float64)
   soft = np.asarray(csq.materialize(w, beta), np.float64)
   # Mask logits are 0 => mask gate sigmoid(0) = 0.5; each set bit contributes
-  # sigmoid(b L) - sigmoid(-b L) = tanh(b L / 2).
-  expected = np.tanh(beta * logit_init / 2.0) * 0.5 * hard
+  # sigmoid(b L) - sigmoid(b off), every other bit sigmoid(b off) - sigmoid(b off) = 0.
+  sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+  expected = (sig(beta * logit_init) - sig(beta * off_logit)) * 0.5 * hard
   np.testing.assert_allclose(soft, expected, rtol=1e-5, atol=1e-7)
   assert np.max(np.abs(hard)) > 0
 
@@ -219,9 +221,9 @@ def test_init_from_float_logits_and_zero_kernel():
   # Eager (not jitted) on purpose: the public call as the transform makes it.
   k = np.zeros((3, 3, 2, 4), np.float32)
   k[0, 0, 0, :4] = [0.5, -0.25, 0.0, 1.0]
-  w = csq.init_from_float(k, 3, logit_init=3.0)
+  w = csq.init_from_float(k, 3, logit_init=3.0)  # every other logit at 0, as the authors' ini2bit
   pos, neg = np.asarray(w.pos_logits), np.asarray(w.neg_logits)
-  assert set(np.unique(np.concatenate([pos.ravel(), neg.ravel()]))) == {-3.0, 3.0}
+  assert set(np.unique(np.concatenate([pos.ravel(), neg.ravel()]))) == {0.0, 3.0}
   # q = round(|k| * 7): 0.5 -> 4 (3.5, half to even), 0.25 -> 2 (1.75), 0 -> 0, 1 -> 7.
   ints = np.asarray(csq.integer_weights(w))
   np.testing.assert_array_equal(ints[0, 0, 0], [4, -2, 0, 7])
@@ -229,7 +231,7 @@ def test_init_from_float_logits_and_zero_kernel():
   # The sign plane holds the bits of q; the other plane is all off.
   np.testing.assert_array_equal(pos[:, 0, 0, 0, 0] > 0, [False, False, True])  # 4 = 0b100
   np.testing.assert_array_equal(neg[:, 0, 0, 0, 1] > 0, [False, True, False])  # -2
-  np.testing.assert_array_equal(neg[:, 0, 0, 0, 0], [-3.0] * 3)
+  np.testing.assert_array_equal(neg[:, 0, 0, 0, 0], [0.0] * 3)
   assert not np.any((pos > 0) & (neg > 0))
 
   z = csq.init_from_float(np.zeros((3, 3, 2, 4), np.float32), 3)

@@ -184,8 +184,9 @@ def test_min_layer_bits_hold_during_the_search():
   assert {k: int(v) for k, v in budget.layer_precisions(params).items()} == {"conv/kernel": 0, "dense/kernel": 2}
   projected = jax.jit(method.after_update)(params)
   assert {k: int(v) for k, v in budget.layer_precisions(projected).items()} == {"conv/kernel": 1, "dense/kernel": 2}
-  np.testing.assert_array_equal(np.asarray(projected["conv"]["kernel"].mask_logits), np.float32([-0.5, 0.0, -0.9, -2.0]))
-  np.testing.assert_array_equal(np.asarray(projected["dense"]["kernel"].mask_logits), np.float32([0.2, -0.3, 0.4, -1.0]))
+  conv, dense = projected["conv"]["kernel"], projected["dense"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(conv.mask_logits), np.float32([-0.5, 0.0, -0.9, -2.0]))
+  np.testing.assert_array_equal(np.asarray(dense.mask_logits), np.float32([0.2, -0.3, 0.4, -1.0]))
   _, delta = method.regularizer(projected, 5.0)
   sizes = np.array([288.0, 80.0])
   np.testing.assert_allclose(float(delta), (sizes * [1, 2]).sum() / sizes.sum() - 1.0, rtol=1e-6)

@@ -37,7 +37,7 @@ def test_quickstart_trains_and_shows_the_report(tmp_path, monkeypatch):
                        CSQ_NOTEBOOK_WORKDIR=workdir)
   out = "\n".join(texts)
   assert "devices: [CpuDevice(id=0)]" in out
-  assert "epoch 1: phase=csq" in out and "exactly quantized: True" in out
+  assert "epoch 1/1 csq: task loss" in out and "exactly quantized: True" in out
   assert "| quickstart | csq | 3 |" in out  # the report's table row
   images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
   assert len(images) == 3  # per-layer precision, precision during training, accuracy vs compression

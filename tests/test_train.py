@@ -154,22 +154,6 @@ def test_baseline_methods_run_with_fixed_precision(tiny_config, tmp_path, method
 
 
 @pytest.mark.slow
-def test_target_bits_is_reached_on_the_default_job(tmp_path):
-  """The default job, shortened to 100 + 10 epochs, ends within 0.15 bit of its
-  hardest target (2 bits). Shorter schedules (80 + 8) ended 0.18 bit over it."""
-  c = load_config("default")
-  c.progress = False
-  c.tensorboard = False
-  c.num_epochs = 100
-  c.finetune_epochs = 10
-  c.target_bits = 2.0
-  s = train.train_and_evaluate(c, str(tmp_path))
-  assert abs(s["avg_bits"] - 2.0) <= 0.15, s["layers"]
-  assert s["exactly_quantized"]
-  assert s["test_accuracy"] > 0.8
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bsq", "msq"])
 def test_bsq_and_msq_reach_the_budget_on_the_default_job(tmp_path, method):
   """The default job with --config.method, shortened to 60 + 6 epochs: the

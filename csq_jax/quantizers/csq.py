@@ -213,7 +213,8 @@ def init_from_float(
   ``1/2``.
   """
   _check_mode(mask_mode)
-  if not off_logit <= 0.0 < logit_init:
+  concrete = isinstance(off_logit, (int, float)) and isinstance(logit_init, (int, float))
+  if concrete and not off_logit <= 0 < logit_init:
     raise ValueError(f"CSQ init needs off_logit <= 0 < logit_init (a set bit reads 1, any other 0); got"
                      f" logit_init={logit_init}, off_logit={off_logit}.")
   kernel = jnp.asarray(kernel, jnp.float32)
