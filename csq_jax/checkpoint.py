@@ -26,6 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from csq_jax import cli
+
 # Config fields that must agree between a checkpoint and the run resuming it
 # (checkpoints written before the whole config was stored are checked on these).
 IDENTITY_KEYS = ("model", "method", "dataset", "n_bits")
@@ -49,21 +51,11 @@ def run_identity(config) -> dict[str, Any]:
   return {k: config[k] for k in IDENTITY_KEYS}
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def config_fields(config) -> dict[str, Any]:
   """The run's config as ``{dotted field: JSON value}``, bookkeeping fields
   (``BOOKKEEPING_FIELDS``: progress bars, logging, evaluation cadence, data
   workers, devices) left out: every field that changes the result."""
-  values = _flat(json.loads(config.to_json_best_effort()))
+  values = cli.flat_fields(json.loads(config.to_json_best_effort()))
   return {k: v for k, v in values.items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
 
 
@@ -73,8 +65,8 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], method: 
   fields that ``method`` ignores (another method's knobs, FP's target)."""
   from csq_jax import report  # noqa: PLC0415  (report imports the training stack)
 
-  stored = {k: v for k, v in _flat(stored).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
-  current = {k: v for k, v in _flat(current).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
+  stored = {k: v for k, v in cli.flat_fields(stored).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
+  current = {k: v for k, v in cli.flat_fields(current).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
   fields = list(dict.fromkeys([*current, *stored]))
   return [f for f in fields if stored.get(f, "<absent>") != current.get(f, "<absent>")
           and not (method and report.method_ignores(method, f))]
@@ -82,7 +74,7 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], method: 
 
 def describe_differences(stored: dict[str, Any], current: dict[str, Any], fields: list[str]) -> str:
   """``"target_bits: 3.0 (stored) vs 2.0 (now), ..."``."""
-  stored, current = _flat(stored), _flat(current)
+  stored, current = cli.flat_fields(stored), cli.flat_fields(current)
 
   def show(d, f):
     return json.dumps(d[f]) if f in d else "absent"

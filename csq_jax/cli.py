@@ -36,18 +36,19 @@ def config_fields_help(spec: str | None) -> str:
     config = configlib.load(path, arg) if path else configlib.common()
   except Exception as e:  # noqa: BLE001  (help still prints)
     return f"(config {spec!r} could not be loaded: {type(e).__name__}: {e})"
-  items = [f"{k}={v!r}" for k, v in sorted(_flat(config.to_dict()).items())]
+  items = [f"{k}={v!r}" for k, v in sorted(flat_fields(config.to_dict()).items())]
   where = spec or "csq_jax/configlib.py (common())"
   body = textwrap.fill(", ".join(items), width=100, initial_indent="    ", subsequent_indent="    ")
   return (f"  --config.<field>=value: override any field of the config; those of {where}"
           " (meaning: comments in csq_jax/configlib.py):\n" + body)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_fields(d: dict, prefix: str = "") -> dict:
+  """A nested config dict as ``{"a.b": value}`` (empty dicts kept as values)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat_fields(v, f"{prefix}{k}."))
     else:
       out[prefix + k] = v
   return out
@@ -73,7 +74,7 @@ def unknown_override(argv: Sequence[str], config_spec: str | None) -> str | None
     config = configlib.load(path, arg)
   except Exception:  # noqa: BLE001
     return None
-  fields = _flat(config.to_dict())
+  fields = flat_fields(config.to_dict())
   for a in config_overrides(argv):
     field = a[len("--config."):].split("=", 1)[0]
     if field in fields or any(f.startswith(field + ".") for f in fields):

@@ -342,14 +342,19 @@ def _vgg(g: Graph, m, x: str, hw):
   return g.dense(g.pool_flatten(x, "avg"), "head")
 
 
+def _shortcut(g: Graph, x: str, hw, scope: str, strides: int) -> str:
+  """The 1x1 projection (conv + BN) of a residual block whose shape changes."""
+  x, _ = g.conv(x, hw, f"{scope}/shortcut_conv", strides, ((0, 0), (0, 0)))
+  return g.batch_norm(x, f"{scope}/shortcut_bn")
+
+
 def _basic_block(g: Graph, x: str, hw, scope: str, channels: int, strides: int, act, cin: int):
   y, hw2 = g.conv(x, hw, f"{scope}/conv1", strides, ((1, 1), (1, 1)))
   y = g.act(g.batch_norm(y, f"{scope}/bn1"), scope, act)
   y, hw2 = g.conv(y, hw2, f"{scope}/conv2", 1, ((1, 1), (1, 1)))
   y = g.batch_norm(y, f"{scope}/bn2")
   if strides != 1 or cin != channels:
-    x, _ = g.conv(x, hw, f"{scope}/shortcut_conv", strides, ((0, 0), (0, 0)))
-    x = g.batch_norm(x, f"{scope}/shortcut_bn")
+    x = _shortcut(g, x, hw, scope, strides)
   return g.act(g.node("Add", [x, y], f"{scope}/add"), scope, act), hw2, channels
 
 
@@ -362,8 +367,7 @@ def _bottleneck_block(g: Graph, x: str, hw, scope: str, channels: int, strides: 
   y, hw2 = g.conv(y, hw2, f"{scope}/conv3", 1, ((0, 0), (0, 0)))
   y = g.batch_norm(y, f"{scope}/bn3")
   if strides != 1 or cin != out:
-    x, _ = g.conv(x, hw, f"{scope}/shortcut_conv", strides, ((0, 0), (0, 0)))
-    x = g.batch_norm(x, f"{scope}/shortcut_bn")
+    x = _shortcut(g, x, hw, scope, strides)
   return g.act(g.node("Add", [x, y], f"{scope}/add"), scope, act), hw2, out
 
 
