@@ -37,9 +37,9 @@ def bsq_recipe(c):
   c.lr_decay = "step"
   c.lr_step_epochs = (250,)
   c.weight_decay = 1e-4
-  c.bsq_alpha = 0.01
-  c.bsq_requant_every = 50
-  c.bsq_threshold = 0.0
+  c.bsq.alpha = 0.01
+  c.bsq.requant_every = 50
+  c.bsq.threshold = 0.0
   c.finetune_epochs = 250
   c.finetune_learning_rate = 1e-4
   c.finetune_lr_step_epochs = (250,)

@@ -22,17 +22,17 @@ def get_config(arg: str = ""):
   # run: the budget term flips sign with Delta_S (a bang-bang controller);
   # with a stronger lambda and no momentum on the mask logits the precision
   # settles at the target instead of overshooting it by whole layers.
-  c.reg_strength = 0.3  # the paper finds 1e-3..1 all reach the target
-  c.mask_momentum = 0.0
+  c.csq.reg_strength = 0.3  # the paper finds 1e-3..1 all reach the target
+  c.csq.mask_momentum = 0.0
   # BSQ: a stronger group Lasso and re-quantization every 5 epochs fit the
   # 150-epoch schedule; LSB planes with no non-zero entry are dropped. The
   # Lasso's memory weights sum to the average precision (8 at the start), so
   # 0.25 starts with the pressure that 2.0 had under weights summing to 1.
-  c.bsq_alpha = 0.25
-  c.bsq_requant_every = 5
+  c.bsq.alpha = 0.25
+  c.bsq.requant_every = 5
   # MSQ: LSB sparsity checked every 5 epochs; Hessian from one batch.
-  c.msq_prune_every = 5
-  c.msq_hessian_batches = 1
+  c.msq.prune_every = 5
+  c.msq.hessian_batches = 1
 
   c.num_epochs = 150
   c.batch_size = 64

@@ -26,7 +26,7 @@ def get_config(arg: str = ""):
   c.finetune_learning_rate = 0.002
   c.warmup_epochs = 1
   c.weight_decay = 1e-5
-  c.msq_prune_every = 5
+  c.msq.prune_every = 5
   c.fp_accuracy = 0.7527  # torchvision's float MobileNetV3-Large (IMAGENET1K_V1)
   args = configlib.parse_args(arg)
   if "runlocal" in args:

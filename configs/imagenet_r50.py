@@ -26,11 +26,11 @@ def get_config(arg: str = ""):
   c.fp_accuracy = 0.7613  # torchvision's float ResNet-50 (Table III)
   args = configlib.parse_args(arg, extra=("rounds",))
   if "rounds" in args:
-    c.csq_rounds = 4
-    c.csq_rewind_epoch = 5
-    c.csq_mask_clamp = 1.0
+    c.csq.rounds = 4
+    c.csq.rewind_epoch = 5
+    c.csq.mask_clamp = 1.0
   if "runlocal" in args:
     configlib.runlocal_imagenet(c)
     if "rounds" in args:  # 2 epochs: 2 rounds of one, rewinding to the init
-      c.csq_rounds, c.csq_rewind_epoch = 2, 0
+      c.csq.rounds, c.csq.rewind_epoch = 2, 0
   return configlib.apply_args(c, args)

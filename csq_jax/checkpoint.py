@@ -63,13 +63,20 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], method: 
   """Fields (dotted) whose values differ between two ``config_fields`` dicts
   (``stored`` may be a whole JSON config), skipping bookkeeping fields and
   fields that ``method`` ignores (another method's knobs, FP's target)."""
-  from csq_jax import report  # noqa: PLC0415  (report imports the training stack)
+  from csq_jax import methods, report  # noqa: PLC0415
 
+  ignores = lambda f: False  # noqa: E731
+  if method and methods.is_known(method):
+    try:
+      cls = methods.resolve(method)
+      ignores = lambda f: report.method_ignores(f, cls.sections(), cls.quantizes)  # noqa: E731
+    except methods.UnknownMethodError:
+      pass
   stored = {k: v for k, v in cli.flat_fields(stored).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
   current = {k: v for k, v in cli.flat_fields(current).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
   fields = list(dict.fromkeys([*current, *stored]))
   return [f for f in fields if stored.get(f, "<absent>") != current.get(f, "<absent>")
-          and not (method and report.method_ignores(method, f))]
+          and not ignores(f)]
 
 
 def describe_differences(stored: dict[str, Any], current: dict[str, Any], fields: list[str]) -> str:

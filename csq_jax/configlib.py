@@ -15,7 +15,9 @@ import re
 
 import ml_collections
 
-METHOD_ARGS = ("csq", "csq_uniform", "ste", "fp", "bsq", "msq")
+from csq_jax.methods import registry
+
+METHOD_ARGS = registry.names()
 _BITS_ARG = re.compile(r"([ta])(\d+(?:\.\d+)?)")  # t2: target 2 bits, a3: 3-bit activations
 
 
@@ -29,7 +31,7 @@ def common() -> ml_collections.ConfigDict:
   c.image_size = 224  # crop side of data sets whose images vary in size (ImageNet)
   c.data_workers = 0  # grain worker processes decoding batches (0: threads in this process)
   c.prefetch_batches = 2  # batches prepared ahead of the step (host and device)
-  c.method = "csq"  # csq | csq_uniform | ste | fp | bsq | msq (README: methods)
+  c.method = "csq"  # a name of csq_jax/methods/registry.py (README: methods) or your own "module:Class"
   c.seed = 0
   # Where the float weights start: "" (random init), the workdir of a finished
   # --config.method=fp run, or a pretrained file (.safetensors/.pth, torchvision names).
@@ -41,66 +43,17 @@ def common() -> ml_collections.ConfigDict:
   # Quantization (Sec. III). n_bits bit planes per layer; the budget is the
   # parameter-weighted average precision of the counted layers.
   c.n_bits = 8
-  c.target_bits = 2.0  # T; for csq_uniform / ste the fixed precision
-  c.reg_strength = 0.01  # lambda of Eq. (7)
+  c.target_bits = 2.0  # T; for the fixed-precision methods (ste, lsq, csq_uniform) the precision
   c.budget_weighting = "params"  # params (paper) | layers (authors' code)
-  c.beta0 = 1.0  # initial gate temperature
+  c.budget_tolerance = 0.25  # BSQ/MSQ: how far below the target whole-bit steps may go
+  c.beta0 = 1.0  # initial gate temperature (CSQ, CSQ-Uniform)
   c.beta_max = 200.0  # temperature reached at the end of each phase
-  # Bits every CSQ layer keeps, enforced after every search step (so the budget
-  # term's Delta_S counts them) and at the freeze: Eq. (7) alone can prune a
-  # layer's last bit, and a 0-bit layer cuts the network (0: allow it).
-  c.min_layer_bits = 1
-  c.csq_init = "float"  # float: bit planes of the model's (or init_from's) weights; random: random logits
-  # Initial bit logits (csq_init="float"): a set bit starts at logit_init, every
-  # other logit (unset bits, the opposite sign's plane) at csq_off_logit. The
-  # authors' ini2bit: 1 and 0, so undecided bits sit on the gate's boundary
-  # (-logit_init: the symmetric start, every bit decided; measured worse, README).
-  c.logit_init = 1.0
-  c.csq_off_logit = 0.0
-  c.decay_mask_logits = False  # weight decay on m_B would pull masks toward the 0 boundary
-  c.mask_momentum = 0.9  # SGD momentum of the mask logits (the paper: plain SGD, 0.9)
-  # The authors' multi-round recipe (CSQ only): the search split into csq_rounds
-  # rounds; each later round keeps the masks (logits clipped to +-csq_mask_clamp),
-  # rewinds every other weight to its value after csq_rewind_epoch epochs, and
-  # restarts beta. 1 = the paper's single search.
-  c.csq_rounds = 1
-  c.csq_rewind_epoch = 0
-  c.csq_mask_clamp = 1.0
   # Path rules (regex on the /-joined param path, first full match wins):
   # (pattern, "quantize" | "float" | "fixed"[, bits]). Unmatched params stay float.
   c.rules = (
       (".*shortcut_conv/kernel", "float"),  # 1x1 downsample convs: float, not counted
       (".*kernel", "quantize"),  # every other conv and dense kernel, first and last included
   )
-  # BSQ (method="bsq", ref. [8] of CSQ; yanghr/BSQ's flags in brackets).
-  # bsq_alpha [--decay]: group-Lasso strength; each layer's Lasso is weighted
-  # by N_l n_l / sum_k N_k (its weights times its bits over the counted
-  # weights), as the authors' code, so alpha means what their --decay means.
-  # bsq_requant_every [--Prun_Int]: epochs between re-quantizations.
-  # bsq_threshold [--thre / 100]: a *fraction* of non-zero weights (theirs is
-  # a percentage); an LSB plane at or below it is dropped, an MSB plane below
-  # it dropped with saturation; 0 drops all-zero planes only.
-  c.bsq_alpha = 0.01
-  c.bsq_requant_every = 50
-  c.bsq_threshold = 0.0
-  # MSQ (method="msq"): L1 on LSBs, pruning period and sparsity threshold,
-  # Hessian-aware k from per-layer traces on training batches: layerwise
-  # Hutch++ (hessian.hutchpp_trace) with msq_hessian_sketch sketch vectors and
-  # msq_hessian_probes deflated probes per layer (L * (2 sketch + probes)
-  # Hessian-vector products; sketch 0: simultaneous Hutchinson, one HVP per
-  # probe, far noisier); k = 2 only for layers below the mean sensitivity by
-  # msq_hessian_z standard errors (0: the paper's plain "below the mean");
-  # layers within that margin get more probes, up to msq_hessian_max_probes.
-  c.msq_lambda = 0.05
-  c.msq_prune_every = 10
-  c.msq_threshold = 0.6
-  c.msq_hessian = True
-  c.msq_hessian_sketch = 8
-  c.msq_hessian_probes = 8
-  c.msq_hessian_z = 3.0
-  c.msq_hessian_max_probes = 32
-  c.msq_hessian_batches = 2
-  c.budget_tolerance = 0.25  # BSQ/MSQ: how far below the target whole-bit steps may go
   c.act_bits = 32  # A-bits: 32 = float activations
   c.act_quantizer = "pact"  # pact | relu6 | maxabs
 
@@ -160,6 +113,14 @@ def common() -> ml_collections.ConfigDict:
   # process 0), num_processes and process_id set it explicitly (""/0/-1: unset).
   c.distributed = ml_collections.ConfigDict(
       {"init": "env", "coordinator": "", "num_processes": 0, "process_id": -1})
+
+  # Each method's own knobs, in a section named after it, with the method's
+  # defaults and their meaning (csq_jax/methods/<method>.py: defaults()), e.g.
+  # --config.csq.reg_strength=0.1, --config.bsq.alpha=0.25, --config.msq.threshold=0.6.
+  for name in registry.names():
+    method = registry.resolve(name)
+    if method.section and method.section not in c:
+      c[method.section] = ml_collections.ConfigDict(method.defaults())
   return c
 
 
@@ -175,16 +136,23 @@ def load(path: str, arg: str = "") -> ml_collections.ConfigDict:
 def parse_args(arg: str, extra: tuple[str, ...] = ()) -> set[str]:
   """The comma-separated config argument as a set; unknown words are an error.
 
-  Known: one method name, ``runlocal``, ``tN`` (target bits N), ``aN``
-  (activation bits N), and the config's own ``extra`` words.
+  Known: one method name (registered, or a user's ``module:Class``, whose
+  config section then exists for ``--config.<section>.*`` overrides),
+  ``runlocal``, ``tN`` (target bits N), ``aN`` (activation bits N), and the
+  config's own ``extra`` words.
   """
   args = {a.strip() for a in arg.split(",") if a.strip()}
-  unknown = {a for a in args if a not in METHOD_ARGS + ("runlocal",) + extra and not _BITS_ARG.fullmatch(a)}
-  if unknown or len(args & set(METHOD_ARGS)) > 1:
+  named = {a for a in args if _is_method(a)}
+  unknown = {a for a in args if not _is_method(a) and a not in ("runlocal",) + extra and not _BITS_ARG.fullmatch(a)}
+  if unknown or len(named) > 1:
     raise ValueError(f"Config arguments {sorted(args)}: expected at most one of {', '.join(METHOD_ARGS)},"
                      f" and optionally runlocal, tN (target bits), aN (activation bits)"
                      + (f", {', '.join(extra)}" if extra else "") + ".")
   return args
+
+
+def _is_method(word: str) -> bool:
+  return word in METHOD_ARGS or (":" in word and registry.is_known(word))
 
 
 def apply_args(c: ml_collections.ConfigDict, args: set[str], recipes=None) -> ml_collections.ConfigDict:
@@ -194,8 +162,9 @@ def apply_args(c: ml_collections.ConfigDict, args: set[str], recipes=None) -> ml
   experiment becomes a smoke test."""
   for a in args:
     bits = _BITS_ARG.fullmatch(a)
-    if a in METHOD_ARGS:
+    if _is_method(a):
       c.method = a
+      registry.resolve(a).add_section(c)
     elif bits and bits.group(1) == "t":
       c.target_bits = float(bits.group(2))
     elif bits:
@@ -207,11 +176,11 @@ def apply_args(c: ml_collections.ConfigDict, args: set[str], recipes=None) -> ml
     c.finetune_epochs = min(c.finetune_epochs, 1)
     c.warmup_epochs = 0
     c.eval_every = 1
-    c.bsq_requant_every = 1
-    c.msq_prune_every = 1
-    c.msq_hessian_sketch = min(c.msq_hessian_sketch, 2)  # the Hessian path runs, on a small budget
-    c.msq_hessian_probes = min(c.msq_hessian_probes, 2)
-    c.msq_hessian_max_probes = min(c.msq_hessian_max_probes, 4)
+    c.bsq.requant_every = 1
+    c.msq.prune_every = 1
+    c.msq.hessian_sketch = min(c.msq.hessian_sketch, 2)  # the Hessian path runs, on a small budget
+    c.msq.hessian_probes = min(c.msq.hessian_probes, 2)
+    c.msq.hessian_max_probes = min(c.msq.hessian_max_probes, 4)
   return c
 
 
@@ -252,7 +221,7 @@ def imagenet_transformer(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
   c.weight_decay = 0.05
   c.num_epochs = 100
   c.finetune_epochs = 10
-  c.msq_prune_every = 5
+  c.msq.prune_every = 5
   return c
 
 

@@ -204,13 +204,10 @@ def _step_for(leaf, q: np.ndarray, weight: np.ndarray) -> tuple[np.float32, np.n
 
 def grid_places(leaf) -> list[int]:
   """Exponents ``p`` of the place values ``2^p`` whose signed sums form the
-  layer's grid: a CSQ layer's selected bit planes (Eq. 4's ``I(m_B >= 0)``;
-  every plane for CSQ-Uniform), ``0..n-1`` for an ``n``-bit STE, BSQ or MSQ
-  layer. Their number is the layer's precision."""
-  if isinstance(leaf, quantizers.CSQWeight):
-    selected = _host(quantizers.csq.bit_selection(leaf, None, hard=True))
-    return [int(p) for p in np.nonzero(selected)[0]]
-  return list(range(int(_host(quantizers.precision(leaf)))))
+  layer's grid (``quantizers.grid_places``: a CSQ layer's selected bit planes,
+  ``0..n-1`` for an ``n``-bit STE, BSQ, MSQ or LSQ layer). Their number is
+  the layer's precision."""
+  return quantizers.grid_places(jax.tree_util.tree_map(_host, leaf))
 
 
 def _float_entries(prefix: str, tree: Any) -> list[tuple[str, np.ndarray]]:

@@ -1,6 +1,6 @@
 """The figures of a run and of a set of runs (PNG, matplotlib's Agg backend).
 
-Of one run (written by training, ``report.write_outputs``):
+Of one run (written by training, ``summary.write_outputs``):
 
 * ``plot_layer_bits``: final precision of every counted layer (CSQ's Fig. 4);
 * ``plot_avg_bits``: average precision over training against the target

@@ -1,9 +1,8 @@
-r"""Run outputs and the report of a set of runs.
+r"""The report of a set of runs, from their JSON files alone (no JAX).
 
-Of one run, written at the end of training (``write_outputs``):
-``summary.json`` (``make_summary``: method, budget, compression, accuracy of
-the exactly quantized model, per-layer bits, the config), ``layer_bits.png``
-(Fig. 4) and ``avg_bits.png`` (Figs. 2-3).
+Each run's ``summary.json`` (written by ``csq_jax.summary`` at the end of
+training: method, budget, compression, accuracy of the exactly quantized
+model, per-layer bits, the config) and ``metrics.jsonl`` are read.
 
 Of several runs::
 
@@ -33,10 +32,10 @@ import os
 import sys
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from csq_jax import budget, figures, metric_writers, methods, quantizers, transform
+from csq_jax import figures, metric_writers
+from csq_jax.methods import registry
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -44,60 +43,6 @@ def atomic_write_text(path: str, text: str) -> None:
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
-
-
-def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_report) -> dict[str, Any]:
-  """The run's result: method, budget, compression, hard-quantized accuracy, per-layer bits."""
-  params = state.params
-  bits = {k: int(v) for k, v in budget.layer_precisions(params).items()}
-  sizes = budget.layer_sizes(params)
-  variables = {"params": transform.materialize(params, 1.0, hard=True), "batch_stats": state.batch_stats}
-  macs = budget.layer_macs(model, variables, jnp.zeros((1,) + tuple(ds.image_shape)), train=False)
-  act_bits = int(config.act_bits)
-  fp = config.get("fp_accuracy", -1.0)
-  return {
-      "config": json.loads(config.to_json_best_effort()),
-      "method": config.method,
-      "model": config.model,
-      "dataset": config.dataset,
-      "target_bits": float(config.target_bits),
-      "n_bits": int(config.n_bits),
-      "act_bits": act_bits,
-      "avg_bits": float(budget.average_bits(params, "params")),
-      "avg_bits_per_layer_mean": float(budget.average_bits(params, "layers")) if bits else 32.0,
-      "compression": float(budget.compression(params)) if bits else 1.0,
-      "model_size_bits": float(budget.model_size_bits(params)),
-      "counted_params": int(sum(sizes.values())),
-      "bops": budget.bops(params, macs, min(act_bits, 32)),
-      "test_accuracy": float(accuracy),
-      "test_loss": float(loss),
-      "fp_accuracy": float(fp) if fp is not None and fp >= 0 else None,
-      "exactly_quantized": exactly_quantized(params),
-      "layers": [
-          {"name": k, "params": sizes[k], "bits": bits[k], "macs": macs.get(k)} for k in bits
-      ],
-      "float_params": [k for k, (a, _) in rules_report.actions.items() if a == "float"],
-      "unused_rules": [r.pattern for r in rules_report.unused_rules],
-  }
-
-
-def exactly_quantized(params) -> bool:
-  """Whether every counted layer's hard weight is its step (``s/(2^n-1)``;
-  MSQ: ``s/2^n``) times an integer, checked by reconstructing it from the
-  integers."""
-  for leaf in transform.quantized_leaves(params).values():
-    w = quantizers.materialize(leaf, None, hard=True)
-    q = quantizers.integer_weights(leaf)
-    if not bool(jnp.allclose(w, q * quantizers.step_size(leaf), rtol=1e-6, atol=1e-7)):
-      return False
-  return True
-
-
-def write_outputs(workdir: str, summary: dict[str, Any]) -> None:
-  atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-  figures.plot_layer_bits(summary, os.path.join(workdir, "layer_bits.png"))
-  figures.plot_avg_bits(metric_writers.read_metrics(os.path.join(workdir, "metrics.jsonl")), summary,
-                        os.path.join(workdir, "avg_bits.png"))
 
 
 # ----------------------------------------------------------------------------
@@ -108,23 +53,59 @@ class ReportError(ValueError):
   """Nothing to report from the given paths; the message says what to give."""
 
 
-METHOD_ORDER = tuple(methods.METHODS)  # fp, ste, csq_uniform, csq, bsq, msq
+METHOD_ORDER = registry.names()  # the registry's order: baselines first
 # Config fields that never change a result: not columns of the table.
 BOOKKEEPING_FIELDS = ("progress", "tensorboard", "keep_checkpoints", "eval_every", "eval_soft", "fp_accuracy",
                       "data_dir")
-# Knobs of one method (field names or prefixes ending in "_"): other methods ignore them.
-METHOD_FIELDS = {"csq": ("reg_strength", "mask_momentum", "decay_mask_logits"), "bsq": ("bsq_",), "msq": ("msq_",)}
-FP_IGNORES = ("target_bits", "n_bits", "budget_weighting", "budget_tolerance")
+# The budget: a method that keeps float weights ignores it.
+BUDGET_FIELDS = ("target_bits", "n_bits", "budget_weighting", "budget_tolerance")
+# Runs written before methods had config sections: their flat knobs, renamed
+# to the sections' fields, and the sections each built-in method read.
+LEGACY_FIELDS = {
+    "reg_strength": "csq.reg_strength", "min_layer_bits": "csq.min_layer_bits", "csq_init": "csq.init",
+    "logit_init": "csq.logit_init", "csq_off_logit": "csq.off_logit", "decay_mask_logits": "csq.decay_mask_logits",
+    "mask_momentum": "csq.mask_momentum", "csq_rounds": "csq.rounds", "csq_rewind_epoch": "csq.rewind_epoch",
+    "csq_mask_clamp": "csq.mask_clamp", "bsq_alpha": "bsq.alpha", "bsq_requant_every": "bsq.requant_every",
+    "bsq_threshold": "bsq.threshold", "msq_lambda": "msq.reg_strength", "msq_prune_every": "msq.prune_every",
+    "msq_threshold": "msq.threshold", "msq_hessian": "msq.hessian", "msq_hessian_sketch": "msq.hessian_sketch",
+    "msq_hessian_probes": "msq.hessian_probes", "msq_hessian_z": "msq.hessian_z",
+    "msq_hessian_max_probes": "msq.hessian_max_probes", "msq_hessian_batches": "msq.hessian_batches",
+}
+LEGACY_SECTIONS = {"csq": ("csq",), "csq_uniform": ("csq",), "bsq": ("bsq",), "msq": ("msq",)}
 
 
-def method_ignores(method: str, field: str) -> bool:
-  """Whether a run of ``method`` ignores the config field ``field``: another
-  method's knob (``reg_strength`` for all but CSQ, ``bsq_*`` for all but
-  BSQ, ...) or, for FP, the budget (``target_bits``, ``n_bits``)."""
-  for owner, names in METHOD_FIELDS.items():
-    if owner != method and any(field == n or (n.endswith("_") and field.startswith(n)) for n in names):
-      return True
-  return method == "fp" and field in FP_IGNORES
+def method_ignores(field: str, reads: Sequence[str], quantizes: bool = True,
+                   method_sections: Sequence[str] = ()) -> bool:
+  """Whether a run of a method ignores the config field ``field`` (dotted):
+  a field of another method's section (``csq.*`` for all but the methods
+  that read ``csq``, ...) or, for a method that keeps float weights, the
+  budget (``BUDGET_FIELDS``).
+
+  Args:
+    field: a dotted config field, e.g. ``bsq.alpha`` or ``target_bits``.
+    reads: the config sections the method reads (``Method.sections()``;
+      recorded in ``summary.json`` as ``method_sections``).
+    quantizes: whether the method quantizes (FP: no).
+    method_sections: sections of methods outside the registry (a section
+      named after a registered method is a method's section).
+  """
+  head = field.split(".")[0] if "." in field else None
+  if head is not None and head not in reads and (head in registry.METHODS or head in method_sections):
+    return True
+  return not quantizes and field in BUDGET_FIELDS
+
+
+def run_method(summary: dict[str, Any]) -> tuple[tuple[str, ...], bool]:
+  """``(sections read, quantizes)`` of a run's method as its summary records
+  them (runs from before the record: the built-ins' legacy sections)."""
+  if "method_sections" in summary:
+    return tuple(summary["method_sections"]), bool(summary.get("method_quantizes", True))
+  return LEGACY_SECTIONS.get(summary["method"], ()), summary["method"] != "fp"
+
+
+def _run_ignores(run: dict[str, Any], field: str) -> bool:
+  reads, quantizes = run_method(run["summary"])
+  return method_ignores(field, reads, quantizes, run.get("method_sections", ()))
 
 
 def find_runs(paths: Sequence[str]) -> list[str]:
@@ -167,24 +148,31 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def run_config(run: dict[str, Any]) -> dict[str, Any]:
+  """The run's config as ``{dotted field: value}``; a run from before config
+  sections has its flat method knobs renamed (``LEGACY_FIELDS``)."""
+  flat = _flat(run["summary"].get("config") or {})
+  return {LEGACY_FIELDS.get(k, k): v for k, v in flat.items()}
+
+
 def config_value(run: dict[str, Any], field: str):
   """The run's value of a config field; ``None`` where its method ignores it
   or the summary has no config (runs written before the config was saved)."""
-  if method_ignores(run["summary"]["method"], field):
+  if _run_ignores(run, field):
     return None
-  return _flat(run["summary"].get("config") or {}).get(field)
+  return run_config(run).get(field)
 
 
 def varying_fields(runs: Sequence[dict[str, Any]]) -> list[str]:
   """Config fields, other than method and target, whose values differ among
   the runs that use them (in config order)."""
-  fields = dict.fromkeys(k for r in runs for k in _flat(r["summary"].get("config") or {}))
+  fields = dict.fromkeys(k for r in runs for k in run_config(r))
   out = []
   for f in fields:
     if f in ("method", "target_bits") or f in BOOKKEEPING_FIELDS:
       continue
     values = {json.dumps(config_value(r, f)) for r in runs
-              if r["summary"].get("config") and not method_ignores(r["summary"]["method"], f)}
+              if r["summary"].get("config") and not _run_ignores(r, f)}
     if len(values) > 1:
       out.append(f)
   return out
@@ -368,6 +356,9 @@ def write_report(paths: Sequence[str], out: str | None = None,
   out = out or os.path.commonpath([os.path.abspath(p) for p in paths])
   os.makedirs(out, exist_ok=True)
   runs = [load_run(d) for d in dirs]
+  owned = sorted({x for r in runs for x in run_method(r["summary"])[0]})  # user methods' sections too
+  for r in runs:
+    r["method_sections"] = owned
   base = os.path.commonpath([os.path.abspath(d) for d in dirs])
   for r in runs:  # the path below the runs' common directory, or the run's own name
     rel = os.path.relpath(os.path.abspath(r["dir"]), base)

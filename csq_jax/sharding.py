@@ -25,6 +25,7 @@ multi-host pod.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Callable, Sequence
@@ -34,12 +35,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from csq_jax import transform
+from csq_jax import quantizers, transform
 
 AXES = ("data", "fsdp")  # batch axes, in mesh order
 DEFAULT_MESH = (("data", -1), ("fsdp", 1))
-# Fields of the quantizer leaves that hold bit planes [n_bits, *kernel].
-BIT_PLANE_FIELDS = ("pos_logits", "neg_logits", "pos_planes", "neg_planes")
 # Leaves with fewer elements stay replicated under fsdp (BN, scales, masks):
 # their all-gather would cost more in latency than they save in memory.
 FSDP_MIN_SIZE = 1024
@@ -96,20 +95,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def leaf_spec(path: str, shape: Sequence[int], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+def leaf_spec(shape: Sequence[int], fsdp: int, min_size: int = FSDP_MIN_SIZE, bit_axis: bool = False) -> P:
   """Partition spec of one state leaf (see the module docstring).
 
   Args:
-    path: the leaf's key path (``jax.tree_util.keystr``); a bit-plane field
-      name at its end excludes axis 0 (the bit axis).
     shape: the leaf's shape.
     fsdp: size of the fsdp axis (1: everything replicated).
     min_size: leaves with fewer elements are replicated.
+    bit_axis: whether axis 0 is a bit axis (``quantizers.bit_fields``),
+      which stays whole.
   """
   shape = tuple(shape)
   if fsdp <= 1 or math.prod(shape) < min_size:
     return P()
-  first = 1 if path.rsplit(".", 1)[-1] in BIT_PLANE_FIELDS else 0
+  first = 1 if bit_axis else 0
   axes = [a for a in range(first, len(shape)) if shape[a] % fsdp == 0]
   if not axes:
     return P()
@@ -117,12 +116,23 @@ def leaf_spec(path: str, shape: Sequence[int], fsdp: int, min_size: int = FSDP_M
   return P(*([None] * axis + ["fsdp"]))
 
 
+def _bit_axis_paths(tree: Any) -> set:
+  """Key paths of the fields with a bit axis, in every quantizer leaf of
+  ``tree`` (parameters, and optimizer states that mirror them)."""
+  paths = set()
+  for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=transform.is_leaf)[0]:
+    if transform.is_leaf(x):
+      paths.update(path + (jax.tree_util.GetAttrKey(f),) for f in quantizers.bit_fields(x))
+  return paths
+
+
 def state_sharding(mesh: Mesh, tree: Any, min_size: int = FSDP_MIN_SIZE) -> Any:
   """``NamedSharding`` of every leaf of ``tree`` (a train state, params,
   optimizer state; arrays, tracers or ``ShapeDtypeStruct``)."""
   fsdp = mesh.shape.get("fsdp", 1)
+  bit_axis = _bit_axis_paths(tree)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: NamedSharding(mesh, leaf_spec(jax.tree_util.keystr(p), np.shape(x), fsdp, min_size)), tree)
+      lambda p, x: NamedSharding(mesh, leaf_spec(np.shape(x), fsdp, min_size, p in bit_axis)), tree)
 
 
 def constrain_weights(weights: Any, params: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> Any:
@@ -140,8 +150,12 @@ def constrain_weights(weights: Any, params: Any, mesh: Mesh, min_size: int = FSD
   def pin(q, q_sharding, w):
     if not transform.is_leaf(q):
       return w  # a float leaf: its parameter sharding already applies
-    planes = [f for f in BIT_PLANE_FIELDS if hasattr(q, f)]
-    spec = getattr(q_sharding, planes[0]).spec[1:] if planes else q_sharding.latent.spec
+    planes = quantizers.bit_fields(q)
+    if planes:
+      spec = getattr(q_sharding, planes[0]).spec[1:]
+    else:  # the field shaped as the kernel (a float latent)
+      same = [f.name for f in dataclasses.fields(q) if np.shape(getattr(q, f.name)) == np.shape(w)]
+      spec = getattr(q_sharding, same[0]).spec if same else ()
     return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P(*spec)))
 
   return jax.tree_util.tree_map(pin, params, specs, weights, is_leaf=transform.is_leaf)

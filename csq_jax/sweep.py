@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from csq_jax import checkpoint, cli, report, transform
+from csq_jax import checkpoint, cli, methods, report
 
 CONFIG = flags.DEFINE_string("config", "configs/default.py", "Config file (as for csq_jax.main).")
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the report.", required=True)
@@ -109,11 +109,15 @@ def plan(axes: Sequence[Axis]) -> list[Run]:
   """The product of the axes, the first axis varying slowest. Fields a run's
   method ignores (``report.method_ignores``: FP's target, another method's
   knobs) are dropped and the duplicates this leaves run once."""
+  classes = {}
   for field, values in axes:
     if field == "method":
-      unknown = [m for m in values if m not in transform.METHODS]
-      if unknown:
-        raise app.UsageError(f"Unknown method {unknown[0]!r}; expected some of {transform.METHODS}.")
+      for m in values:
+        try:
+          classes[m] = methods.resolve(m)
+        except methods.UnknownMethodError as e:
+          raise app.UsageError(str(e)) from None
+  owned = sorted({x for cls in classes.values() for x in cls.sections()})
   fields = [f for f, _ in axes]
   if len(set(fields)) < len(fields):
     raise app.UsageError(f"A field is swept twice in {fields}: give each field one --sweep.")
@@ -122,7 +126,9 @@ def plan(axes: Sequence[Axis]) -> list[Run]:
     overrides = tuple(zip(fields, combo))
     method = dict(overrides).get("method")
     if method is not None:
-      overrides = tuple((f, v) for f, v in overrides if not report.method_ignores(method, f))
+      cls = classes[method]
+      overrides = tuple((f, v) for f, v in overrides
+                        if not report.method_ignores(f, cls.sections(), cls.quantizes, owned))
     run = Run(run_name(overrides), overrides)
     runs.setdefault(run.name, run)
   return list(runs.values())
@@ -149,10 +155,21 @@ def check_fields(config, fields: Sequence[str]) -> None:
       node = node[part]
 
 
+def run_config_spec(config: str, run: Run) -> str:
+  """``config`` (``PATH[:ARG]``) for ``run``: a user's ``module:Class`` method
+  goes into the config argument, so that its config section exists before
+  the ``--config.<section>.*`` overrides are applied."""
+  method = run.value("method")
+  if method is None or ":" not in method:
+    return config
+  path, colon, arg = config.partition(":")
+  return f"{path}:{arg + ',' if arg else ''}{method}"
+
+
 def command(config: str, workdir: str, run: Run, common: Sequence[str]) -> list[str]:
   """The run's ``csq_jax.main`` command line (progress bars off in the log
   unless ``common`` turns them on)."""
-  return [sys.executable, "-m", "csq_jax.main", f"--config={config}", f"--workdir={workdir}",
+  return [sys.executable, "-m", "csq_jax.main", f"--config={run_config_spec(config, run)}", f"--workdir={workdir}",
           "--config.progress=False", *(f"--config.{f}={v}" for f, v in run.overrides), *common]
 
 
@@ -160,7 +177,8 @@ def requested_config(config: str, run: Run, common: Sequence[str] = ()):
   """The config ``run`` trains with: the file ``config`` (``PATH[:ARG]``)
   with the run's and the ``common`` overrides, parsed as ``csq_jax.main``
   parses them (``config_flags``)."""
-  argv = ["sweep", f"--config={config}", *(f"--config.{f}={v}" for f, v in run.overrides), *common]
+  argv = ["sweep", f"--config={run_config_spec(config, run)}", *(f"--config.{f}={v}" for f, v in run.overrides),
+          *common]
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
   values(argv)
@@ -348,7 +366,14 @@ def main(argv: Sequence[str]) -> None:
   exit_on_sigterm()
   common = split_overrides(argv)
   axes = [parse_axis(s) for s in SWEEP.value]
-  check_fields(load_config(CONFIG.value), [f for f, _ in axes])
+  config = load_config(CONFIG.value)
+  for field, values in axes:  # the sections of swept methods of the user's own exist for the check
+    if field == "method":
+      for m in values:
+        if methods.is_known(m):
+          with config.unlocked():
+            methods.resolve(m).add_section(config)
+  check_fields(config, [f for f, _ in axes])
   clash = [f for f, _ in axes if any(a.startswith(f"--config.{f}=") for a in common)]
   if clash:
     raise app.UsageError(f"{clash[0]} is both swept and set by --config.{clash[0]}: give it once.")

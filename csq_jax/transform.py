@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 
 from csq_jax import quantizers
-from csq_jax.quantizers import bsq, csq, msq, ste
 
 Action = Literal["quantize", "float", "fixed"]
 ACTIONS = ("quantize", "float", "fixed")
-METHODS = ("csq", "csq_uniform", "ste", "fp", "bsq", "msq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,33 +71,32 @@ class QuantizeSpec:
   """How ``quantize`` rules turn a kernel into quantizer parameters.
 
   Attributes:
-    method: ``csq`` (Eq. 5, learned bit mask), ``csq_uniform`` (Eq. 3),
-      ``ste`` (uniform STE QAT), ``bsq`` (bit planes of Eq. 1, from the
-      kernel's ``n_bits`` quantization), ``msq`` (the float kernel at
-      ``n_bits``) or ``fp`` (leave float).
-    n_bits: CSQ/BSQ bit planes or MSQ's initial precision; the fixed
-      precision for ``csq_uniform``/``ste``.
-    init: CSQ initialization, ``"float"`` (decompose the given kernel's
-      ``n_bits`` quantization) or ``"random"`` (random bit logits, He scale).
-    logit_init: initial logit of a set CSQ bit (``init="float"``), or the
-      range of the random logits (``init="random"``).
-    off_logit: initial logit of every other CSQ bit (``init="float"``): 0 as
-      in the authors' code, ``-logit_init`` for the symmetric start.
+    method: a method name (``methods.registry``) or ``"module:Class"``; its
+      class's ``init_leaf`` makes each leaf (FP leaves kernels float).
+    n_bits: bits of a rule without its own (CSQ/BSQ bit planes, MSQ's
+      initial precision, the fixed precision of STE, LSQ, CSQ-Uniform).
+    options: the method's config section (``config.csq``, ...) over its
+      defaults, e.g. ``{"init": "random"}`` for CSQ's random logits.
   """
 
   method: str = "csq"
   n_bits: int = 8
-  init: str = "float"
-  logit_init: float = 1.0
-  off_logit: float = 0.0
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"Unknown method {self.method!r}; expected one of {METHODS}.")
-    if self.init not in ("float", "random"):
-      raise ValueError(f"Unknown CSQ init {self.init!r}; expected 'float' or 'random'.")
+    from csq_jax.methods import registry  # noqa: PLC0415 (the methods import this module)
+
+    cls = registry.resolve(self.method)
+    object.__setattr__(self, "options", {**cls.defaults(), **dict(self.options)})
+    cls.check_options(self.options)
     if not 1 <= self.n_bits <= 16:
       raise ValueError(f"n_bits must be in 1..16, got {self.n_bits}.")
+
+  @property
+  def method_class(self) -> type:
+    from csq_jax.methods import registry  # noqa: PLC0415
+
+    return registry.resolve(self.method)
 
 
 def path_str(path) -> str:
@@ -136,10 +133,6 @@ class TransformReport:
 
   def quantized_paths(self) -> list[str]:
     return [p for p, (a, _) in self.actions.items() if a != "float"]
-
-
-def _fan_in(shape: tuple[int, ...]) -> int:
-  return int(np.prod(shape[:-1])) if len(shape) > 1 else int(shape[0])
 
 
 def quantize_params(
@@ -183,31 +176,21 @@ def quantize_params(
 
 
 def _apply_rule(leaf, rule: Rule, spec: QuantizeSpec, key, name: str):
-  if rule.action == "float" or spec.method == "fp":  # the FP baseline is float throughout
+  cls = spec.method_class
+  if rule.action == "float" or not cls.quantizes:  # the FP baseline is float throughout
     return leaf, ("float", None)
   if np.ndim(leaf) < 2:
     raise ValueError(
         f"Rule {rule.pattern!r} selects {name} of shape {np.shape(leaf)}; only"
         " kernels (rank >= 2) can be quantized. Narrow the rule, e.g. to '.*/kernel'."
     )
-  if rule.action == "fixed":
+  if rule.action == "fixed":  # uniform STE at the rule's bits, whatever the method
     bits = 8 if rule.bits is None else rule.bits
-    return ste.init_from_float(leaf, bits), ("fixed", bits)
+    from csq_jax.methods import registry  # noqa: PLC0415
+
+    return registry.resolve("ste").init_leaf(leaf, bits, None, {}), ("fixed", bits)
   bits = spec.n_bits if rule.bits is None else rule.bits
-  if spec.method == "ste":
-    return ste.init_from_float(leaf, bits), ("quantize", bits)
-  if spec.method == "bsq":
-    return bsq.init_from_float(leaf, bits), ("quantize", bits)
-  if spec.method == "msq":
-    return msq.init_from_float(leaf, bits), ("quantize", bits)
-  mode = "none" if spec.method == "csq_uniform" else "learned"
-  if spec.init == "random":
-    if key is None:
-      raise ValueError("CSQ init='random' needs a PRNG key.")
-    q = csq.init_random(key, np.shape(leaf), _fan_in(np.shape(leaf)), bits, spec.logit_init, mode)
-  else:
-    q = csq.init_from_float(leaf, bits, spec.logit_init, mode, spec.off_logit)
-  return q, ("quantize", bits)
+  return cls.init_leaf(leaf, bits, key, spec.options), ("quantize", bits)
 
 
 def is_leaf(x) -> bool:
@@ -228,15 +211,3 @@ def quantized_leaves(qparams: Any) -> dict[str, Any]:
   """``{path: quantized leaf}`` in tree order."""
   flat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_leaf)[0]
   return {path_str(p): leaf for p, leaf in flat if is_leaf(leaf)}
-
-
-def set_mask_mode(qparams: Any, mask_mode: str) -> Any:
-  """Switch every learned/frozen CSQ mask to ``mask_mode`` (Alg. 1's finetune
-  freezes the selection: ``set_mask_mode(q, "frozen")``)."""
-
-  def switch(leaf):
-    if isinstance(leaf, csq.CSQWeight) and leaf.mask_mode != "none":
-      return csq.with_mask_mode(leaf, mask_mode)
-    return leaf
-
-  return map_quantized(switch, qparams)

@@ -296,15 +296,6 @@ def test_memory_weights_and_weighted_group_lasso():
   assert bsq.memory_weights({}) == {}
 
 
-def test_dispatch_step_size_reconstructs_the_weight():
-  rng = np.random.default_rng(3)
-  w = bsq.BSQWeight(jnp.asarray(rng.uniform(0, 2, (5, 4, 3)), jnp.float32),
-                    jnp.asarray(rng.uniform(0, 2, (5, 4, 3)), jnp.float32), jnp.asarray(0.7, jnp.float32))
-  assert quantizers.is_quantized(w)
-  np.testing.assert_allclose(quantizers.materialize(w, None), quantizers.integer_weights(w) * quantizers.step_size(w),
-                             rtol=1e-6)
-  assert int(quantizers.precision(w)) == 5 and quantizers.num_weights(w) == 12
-
 
 def test_requantize_sparse_msb_saturates_with_threshold():
   # bit 2 set in 1 of 8 weights (12.5%): kept at threshold 0.1, dropped at

@@ -3,7 +3,7 @@
 Every expected value below comes from the reference formulas of yanghr/BSQ,
 re-implemented here in their own layout (bit axis last, MSB first, place
 values ``2^(N-1-i) / (2^N - 1)``: ``self.exps`` in ``models/cifar/bit.py``)
-and compared with csq_jax's ``quantizers/bsq.py`` and ``methods.BSQ`` (bit
+and compared with csq_jax's ``quantizers/bsq.py`` and ``methods/bsq.py`` (bit
 axis first, LSB first, integer place values).
 """
 
@@ -210,7 +210,8 @@ def test_regularizer_matches_l1reg_over_total_param():
   leaves = transform.quantized_leaves(params)
   np.testing.assert_allclose(float(bsq.weighted_group_lasso(leaves, decay)), want, rtol=1e-5)
   c = load_config("default")
-  c.update(method="bsq", bsq_alpha=decay, target_bits=1.0)
+  c.update(method="bsq", target_bits=1.0)
+  c.bsq.alpha = decay
   pen, _ = jax.jit(methods.get(c).regularizer)(params, None)
   np.testing.assert_allclose(float(pen), want, rtol=1e-5)
 

@@ -88,7 +88,7 @@ def test_paper_rows_by_argument():
   r20 = load_config("cifar10_resnet20", "t3,a2")
   assert (r20.target_bits, r20.act_bits, r20.method) == (3.0, 2, "csq")
   r50 = load_config("imagenet_r50", "rounds")
-  assert (r50.csq_rounds, r50.csq_rewind_epoch, r50.num_epochs, r50.finetune_epochs, r50.warmup_epochs,
+  assert (r50.csq.rounds, r50.csq.rewind_epoch, r50.num_epochs, r50.finetune_epochs, r50.warmup_epochs,
           r50.weight_decay) == (4, 5, 200, 100, 5, 1e-4)
   assert load_config("imagenet_deit_s").optimizer == "adamw"
   with pytest.raises(ValueError, match="expected at most one"):

@@ -100,14 +100,6 @@ class MaterializeTest(chex.TestCase):
                             hard=True)
       np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-7)
 
-  def test_dispatch_through_quantizers(self):
-    w = make_weight(4, mask=MASK5[:4])
-    np.testing.assert_array_equal(np.asarray(quantizers.materialize(w, 2.0)),
-                                  np.asarray(csq.materialize(w, 2.0)))
-    assert quantizers.is_quantized(w)
-    assert not quantizers.is_quantized(jnp.ones((2, 2)))
-    with pytest.raises(TypeError):
-      quantizers.materialize(jnp.ones((2, 2)), 1.0)
 
 
 def _mask_grad(w, beta=2.0):

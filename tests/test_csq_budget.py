@@ -1,8 +1,8 @@
 """CSQ meets its budget on the default job: within 0.05 bit, no layer cut.
 
 The budget term of Eq. (7) is a bang-bang controller on the hard-counted
-average precision; ``min_layer_bits`` is enforced after every search step
-(``methods.CSQ.after_update``), so the controller counts the bit a layer
+average precision; ``csq.min_layer_bits`` is enforced after every search step
+(``CSQ.after_update`` in ``methods/csq.py``), so the controller counts the bit a layer
 keeps. On the shortened schedule (60 + 6 epochs) every target 1-5 ends
 within 0.05 bit (README, "Table V on the default job").
 """

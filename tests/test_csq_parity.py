@@ -174,11 +174,11 @@ def test_budget_penalty_equals_eq7(weighting):
 
 
 def test_min_layer_bits_hold_during_the_search():
-  """``CSQ.after_update`` (every search step) keeps ``min_layer_bits`` per
+  """``CSQ.after_update`` (every search step) keeps ``csq.min_layer_bits`` per
   layer by raising its largest mask logits to 0, so ``Delta_S`` of the budget
   term counts the bit a layer keeps; layers with enough bits are untouched."""
-  config = ConfigDict({"method": "csq", "target_bits": 1.0, "budget_weighting": "params", "reg_strength": 0.3,
-                       "min_layer_bits": 1})
+  config = ConfigDict({"method": "csq", "target_bits": 1.0, "budget_weighting": "params", "n_bits": 4,
+                       "csq": {"reg_strength": 0.3, "min_layer_bits": 1}})
   method = methods.get(config)
   params = _two_layer_params([-0.5, -0.1, -0.9, -2.0], np.float32([0.2, -0.3, 0.4, -1.0]))
   assert {k: int(v) for k, v in budget.layer_precisions(params).items()} == {"conv/kernel": 0, "dense/kernel": 2}

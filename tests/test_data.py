@@ -103,7 +103,7 @@ def test_cifar_config_runs_two_steps_on_mock_data(tmp_path, arg):
   c.finetune_epochs = 0
   c.batch_size = 32
   c.eval_batch_size = 32
-  c.msq_hessian_batches = 1
+  c.msq.hessian_batches = 1
   c.progress = False
   c.tensorboard = False
   with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):

@@ -212,7 +212,7 @@ def _rule_report(rules, abstract_params):
 
   def run(p):
     q, out["report"] = transform.quantize_params(
-        p, transform.rules_from_config(rules), transform.QuantizeSpec("csq", 8, "float", 1.0))
+        p, transform.rules_from_config(rules), transform.QuantizeSpec("csq", 8))
     return q
 
   jax.eval_shape(run, abstract_params)
@@ -319,7 +319,7 @@ def _csq_step_check(model, rules, variables, x, labels):
   @jax.jit  # one compile instead of one per op and kernel shape
   def quantize(params):
     qp, out["report"] = transform.quantize_params(
-        params, transform.rules_from_config(rules), transform.QuantizeSpec("csq", 8, "float", 1.0))
+        params, transform.rules_from_config(rules), transform.QuantizeSpec("csq", 8))
     return qp
 
   def loss_fn(qp, beta):

@@ -287,12 +287,6 @@ def test_single_trainable_leaf():
   assert jax.tree.structure(w) != jax.tree.structure(msq.prune(w, 1))
 
 
-def test_dispatch_step_size_reconstructs_the_weight():
-  w = msq.init_from_float(jax.random.normal(jax.random.key(4), (6, 7)), 5)
-  assert quantizers.is_quantized(w)
-  np.testing.assert_array_equal(quantizers.materialize(w, None), quantizers.integer_weights(w) * quantizers.step_size(w))
-  assert int(quantizers.precision(w)) == 5 and quantizers.num_weights(w) == 42
-
 
 def test_lsb_k_is_capped_and_regularizer_uses_it():
   w = msq.init_from_float(jax.random.normal(jax.random.key(5), (8, 8)), 4)
@@ -364,7 +358,8 @@ def test_paper_l1_objective_on_lsbs():
   each layer's own ``k_l`` (a per-layer mean, choice 3 of msq.py), 0 once the
   budget is met."""
   cfg = configlib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
-  cfg.update(method="msq", target_bits=2.0, msq_lambda=0.05)
+  cfg.update(method="msq", target_bits=2.0)
+  cfg.msq.reg_strength = 0.05
   rng = np.random.default_rng(32)
   la, lb = rng.normal(0, 0.5, (12, 5)).astype(np.float32), rng.normal(0, 0.5, (3, 3, 2, 4)).astype(np.float32)
   params = {"a": {"kernel": msq.with_lsb_k(msq.init_from_float(la, 6), 2)},
@@ -492,7 +487,8 @@ def test_paper_sensitivity_omega_with_exact_hessian_traces(trained_tiny_cnn):
   model, params, batch = trained_tiny_cnn
   qparams = {k: {"kernel": msq.init_from_float(v["kernel"], 4)} for k, v in params.items()}
   cfg = configlib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
-  cfg.update(method="msq", msq_hessian_sketch=144, msq_hessian_probes=2, msq_hessian_z=0.0, msq_hessian_batches=1)
+  cfg.method = "msq"
+  cfg.msq.update(hessian_sketch=144, hessian_probes=2, hessian_z=0.0, hessian_batches=1)
   ctx = methods.AdjustContext(1, 10, model, {}, lambda: iter([batch]), jax.random.key(1))
   info = methods.get(cfg).sensitivities(qparams, ctx)
   with jax.enable_x64(True):
@@ -517,8 +513,8 @@ def test_paper_sensitivity_omega_with_exact_hessian_traces(trained_tiny_cnn):
 
 
 def test_hessian_aware_k_does_not_follow_the_probe_seed(trained_tiny_cnn):
-  """Issue 10: with the default estimator (``msq_hessian_sketch``,
-  ``msq_hessian_probes``, ``msq_hessian_z`` of configlib) three probe seeds
+  """Issue 10: with the default estimator (``msq.hessian_sketch``,
+  ``msq.hessian_probes``, ``msq.hessian_z`` of configlib) three probe seeds
   give the same ``k`` per layer on the trained tiny CNN, and every ``k = 2``
   layer is below the mean of the exact ``Omega`` (previous test's check)."""
   model, params, batch = trained_tiny_cnn
@@ -526,7 +522,7 @@ def test_hessian_aware_k_does_not_follow_the_probe_seed(trained_tiny_cnn):
   cfg = configlib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
   cfg.update(method="msq")
   exact_cfg = cfg.copy_and_resolve_references()
-  exact_cfg.update(msq_hessian_sketch=144, msq_hessian_probes=2, msq_hessian_z=0.0)
+  exact_cfg.msq.update(hessian_sketch=144, hessian_probes=2, hessian_z=0.0)
   ctx = lambda seed: methods.AdjustContext(1, 10, model, {}, lambda: iter([batch]), jax.random.key(seed))
   exact = methods.get(exact_cfg).sensitivities(qparams, ctx(0))
   infos = [methods.get(cfg).sensitivities(qparams, ctx(seed)) for seed in (11, 12, 13)]

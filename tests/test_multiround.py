@@ -1,4 +1,4 @@
-"""The authors' multi-round CSQ recipe (``csq_rounds``): masks kept and
+"""The authors' multi-round CSQ recipe (``csq.rounds``): masks kept and
 clipped, every other weight rewound, beta restarted each round."""
 
 import json
@@ -10,6 +10,7 @@ import pytest
 
 from conftest import kill_after_epoch, restore_final_state
 from csq_jax import checkpoint, methods, train, transform
+from csq_jax.methods.csq import CSQ
 from csq_jax.quantizers.csq import CSQWeight
 
 
@@ -17,7 +18,7 @@ def _csq_params(key):
   kernel = jax.random.normal(key, (3, 3, 4, 8))
   rules = transform.rules_from_config([(".*kernel", "quantize")])
   q, _ = transform.quantize_params({"conv": {"kernel": kernel, "bias": jnp.zeros(8)}}, rules,
-                                   transform.QuantizeSpec("csq", 8, "float", 1.0))
+                                   transform.QuantizeSpec("csq", 8))
   return q
 
 
@@ -26,7 +27,8 @@ def test_start_round_clips_masks_and_rewinds_everything_else(tiny_config):
   masks = jnp.linspace(-5.0, 5.0, 8)
   now["conv"]["kernel"] = now["conv"]["kernel"].replace(mask_logits=masks)
   now["conv"]["bias"] = jnp.ones(8)
-  out = methods.CSQ(tiny_config).start_round(now, early, mask_clamp=1.5)
+  tiny_config.csq.mask_clamp = 1.5
+  out = CSQ(tiny_config).start_round(now, early)
   leaf = out["conv"]["kernel"]
   assert isinstance(leaf, CSQWeight)
   np.testing.assert_array_equal(leaf.mask_logits, np.clip(np.asarray(masks), -1.5, 1.5))
@@ -39,9 +41,9 @@ def test_start_round_clips_masks_and_rewinds_everything_else(tiny_config):
 def _rounds_config(c):
   c.num_epochs = 2
   c.finetune_epochs = 1
-  c.csq_rounds = 2
-  c.csq_rewind_epoch = 0
-  c.csq_mask_clamp = 1.0
+  c.csq.rounds = 2
+  c.csq.rewind_epoch = 0
+  c.csq.mask_clamp = 1.0
   return c
 
 
@@ -65,11 +67,12 @@ def test_two_rounds_restart_beta_and_resume_across_a_round(tiny_config, tmp_path
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("method", "bsq", "multi-round recipe is CSQ's"),
-    ("csq_rewind_epoch", 1, "must fall in the first round"),
+    ("method", "csq_uniform", "the multi-round recipe searches masks"),
+    ("csq.rewind_epoch", 1, r"csq.rewind_epoch=1 is out of range: expected an epoch of the first round"),
 ])
 def test_multiround_config_errors(tiny_config, field, value, message):
   c = _rounds_config(tiny_config)
-  c[field] = value
+  *section, name = field.split(".")
+  (c[section[0]] if section else c)[name] = value
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(c)

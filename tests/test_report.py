@@ -34,12 +34,21 @@ def test_pareto_front_on_hand_made_points():
     assert report.pareto_front(pts) == _brute_force_front(pts)
 
 
-def test_method_ignores_other_methods_knobs_and_fp_the_budget():
-  assert report.method_ignores("fp", "target_bits") and not report.method_ignores("csq", "target_bits")
-  assert report.method_ignores("msq", "reg_strength") and not report.method_ignores("csq", "reg_strength")
-  assert report.method_ignores("csq", "msq_lambda") and not report.method_ignores("msq", "msq_lambda")
-  assert report.method_ignores("msq", "bsq_alpha") and not report.method_ignores("bsq", "bsq_alpha")
-  assert not report.method_ignores("csq", "num_epochs") and not report.method_ignores("fp", "num_epochs")
+def test_method_ignores_other_methods_sections_and_a_float_model_the_budget():
+  """Structural: a field of a section the method does not read (a section
+  named after a registered method, or one that ``method_sections`` names)."""
+  csq, msq, bsq, fp = ("csq",), ("msq",), ("bsq",), ()
+  assert report.method_ignores("target_bits", fp, quantizes=False) and not report.method_ignores("target_bits", csq)
+  assert report.method_ignores("csq.reg_strength", msq) and not report.method_ignores("csq.reg_strength", csq)
+  assert report.method_ignores("msq.reg_strength", csq) and not report.method_ignores("msq.reg_strength", msq)
+  assert report.method_ignores("bsq.alpha", msq) and not report.method_ignores("bsq.alpha", bsq)
+  assert not report.method_ignores("num_epochs", csq) and not report.method_ignores("num_epochs", fp, False)
+  assert not report.method_ignores("distributed.init", csq)  # a shared section
+  assert not report.method_ignores("mine.x", csq) and report.method_ignores("mine.x", csq, True, ("mine",))
+  # Old runs: flat knobs renamed, the built-ins' sections known.
+  assert report.run_method({"method": "csq_uniform"}) == (("csq",), True)
+  assert report.run_method({"method": "fp"}) == ((), False)
+  assert report.run_config({"summary": {"config": {"bsq_alpha": 0.2, "seed": 1}}}) == {"bsq.alpha": 0.2, "seed": 1}
 
 
 def _fake_run(root, name, method, target, acc, bits, reg_strength=0.3, epochs=3, seed=None):
@@ -48,7 +57,7 @@ def _fake_run(root, name, method, target, acc, bits, reg_strength=0.3, epochs=3,
   d.mkdir(parents=True)
   layers = [] if method == "fp" else [{"name": f"conv{i}/kernel", "params": 100, "bits": b} for i, b in enumerate(bits)]
   avg = float(np.mean(bits)) if layers else 32.0
-  config = {"method": method, "target_bits": target, "reg_strength": reg_strength, "num_epochs": epochs,
+  config = {"method": method, "target_bits": target, "csq": {"reg_strength": reg_strength}, "num_epochs": epochs,
             "progress": False, "rules": [[".*kernel", "quantize"]], **({} if seed is None else {"seed": seed})}
   summary = {"config": config, "method": method, "model": "small_cnn", "dataset": "digits", "target_bits": target,
              "act_bits": 32, "avg_bits": avg, "compression": 32.0 / avg, "test_accuracy": acc, "layers": layers}
@@ -81,7 +90,7 @@ def test_report_table_order_columns_and_table_v_layout(tmp_path):
   md = open(path).read()
   lines = [l for l in md.splitlines() if l.startswith("| ")]
   assert lines[0] == ("| run | method | target | W-bits (avg) | A-bits | compression | accuracy | stored bits/w"
-                      " | reg_strength | Pareto front |")
+                      " | csq.reg_strength | Pareto front |")
   # fp first; then csq by target, lambda 0.01 before 0.3; then msq. reg_strength
   # varies among the CSQ runs; fp and msq ignore it ("-").
   assert lines[1:6] == [
@@ -152,7 +161,8 @@ def test_report_of_two_tiny_runs(tiny_config, tmp_path, capsys):
   csq = tiny_config.copy_and_resolve_references()
   csq.target_bits = 2.0
   msq = tiny_config.copy_and_resolve_references()
-  msq.update(method="msq", target_bits=4.0, msq_prune_every=1, msq_threshold=0.0, msq_hessian_probes=2)
+  msq.update(method="msq", target_bits=4.0)
+  msq.msq.update(prune_every=1, threshold=0.0, hessian_probes=2)
   summaries = {name: train.train_and_evaluate(c, str(tmp_path / "runs" / name))
                for name, c in (("csq_t2", csq), ("msq_t4", msq))}
   report.main([str(tmp_path / "runs"), f"--out={tmp_path / 'report'}"])

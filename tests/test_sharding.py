@@ -63,17 +63,16 @@ def test_bad_mesh_or_batch_is_a_config_error(tiny_config):
 
 def test_leaf_spec_shards_the_largest_kernel_axis_never_the_bit_axis():
   # Bit planes [n_bits, kh, kw, cin, cout]: the bit axis is skipped even when largest.
-  assert sharding.leaf_spec(".params['c']['kernel'].pos_logits", (16, 3, 3, 8, 8), 2) == P(None, None, None, None,
-                                                                                              "fsdp")
-  assert sharding.leaf_spec(".trace['c']['kernel'].neg_planes", (8, 3, 3, 64, 32), 2) == P(None, None, None, "fsdp")
+  assert sharding.leaf_spec((16, 3, 3, 8, 8), 2, bit_axis=True) == P(None, None, None, None, "fsdp")
+  assert sharding.leaf_spec((8, 3, 3, 64, 32), 2, bit_axis=True) == P(None, None, None, "fsdp")
   # Latent or float kernels: any axis; the largest divisible one, the last among equals.
-  assert sharding.leaf_spec(".params['c']['kernel'].latent", (3, 3, 32, 32), 2) == P(None, None, None, "fsdp")
-  assert sharding.leaf_spec(".params['d']['kernel']", (100, 64), 4) == P("fsdp")
-  assert sharding.leaf_spec(".params['d']['kernel']", (99, 64), 2) == P(None, "fsdp")
+  assert sharding.leaf_spec((3, 3, 32, 32), 2) == P(None, None, None, "fsdp")
+  assert sharding.leaf_spec((100, 64), 4) == P("fsdp")
+  assert sharding.leaf_spec((99, 64), 2) == P(None, "fsdp")
   # Small leaves, indivisible leaves and fsdp=1: replicated.
-  assert sharding.leaf_spec(".params['bn']['scale']", (64,), 2) == P()
-  assert sharding.leaf_spec(".params['c']['kernel'].pos_logits", (8, 3, 3, 33, 33), 2) == P()
-  assert sharding.leaf_spec(".params['d']['kernel']", (100, 64), 1) == P()
+  assert sharding.leaf_spec((64,), 2) == P()
+  assert sharding.leaf_spec((8, 3, 3, 33, 33), 2, bit_axis=True) == P()
+  assert sharding.leaf_spec((100, 64), 1) == P()
 
 
 def test_state_rules_shard_planes_and_their_momentum_alike():
@@ -83,7 +82,8 @@ def test_state_rules_shard_planes_and_their_momentum_alike():
   phase = train.make_phases(c, 10)[0]
   model = train.create_model(c, 10)
   state, _ = train.init_state(c, model, (8, 8, 1), phase, jax.random.key(0))
-  specs = {jax.tree_util.keystr(p): sharding.leaf_spec(jax.tree_util.keystr(p), np.shape(x), 2)
+  bit_axis = sharding._bit_axis_paths(state)  # the quantizer's BIT_FIELDS, in params and momentum
+  specs = {jax.tree_util.keystr(p): sharding.leaf_spec(np.shape(x), 2, bit_axis=p in bit_axis)
            for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
   planes = {k: v for k, v in specs.items() if k.endswith(("pos_logits", "neg_logits"))}
   assert len(planes) == 2 * 8 * 2  # 8 layers, pos+neg, params + momentum

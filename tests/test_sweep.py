@@ -22,16 +22,18 @@ def test_parse_axis():
 
 def test_plan_is_the_product_without_runs_that_differ_in_ignored_fields():
   runs = sweep.plan([("method", ["fp", "csq", "msq"]), ("target_bits", ["2", "3.0"]),
-                     ("msq_lambda", ["0.01", "0.1"])])
+                     ("msq.reg_strength", ["0.01", "0.1"])])
   assert [r.name for r in runs] == [
       "fp",  # once: FP ignores the target and MSQ's lambda
-      "csq_t2", "csq_t3",  # CSQ ignores msq_lambda
-      "msq_t2_msq_lambda0.01", "msq_t2_msq_lambda0.1", "msq_t3_msq_lambda0.01", "msq_t3_msq_lambda0.1",
+      "csq_t2", "csq_t3",  # CSQ ignores MSQ's section
+      "msq_t2_msq.reg_strength0.01", "msq_t2_msq.reg_strength0.1", "msq_t3_msq.reg_strength0.01",
+      "msq_t3_msq.reg_strength0.1",
   ]
   assert runs[0].overrides == (("method", "fp"),)
   assert runs[2].overrides == (("method", "csq"), ("target_bits", "3.0"))
-  assert runs[4].overrides == (("method", "msq"), ("target_bits", "2"), ("msq_lambda", "0.1"))
-  assert [r.name for r in sweep.plan([("reg_strength", ["0.01", "1"])])] == ["reg_strength0.01", "reg_strength1"]
+  assert runs[4].overrides == (("method", "msq"), ("target_bits", "2"), ("msq.reg_strength", "0.1"))
+  assert [r.name for r in sweep.plan([("csq.reg_strength", ["0.01", "1"])])] == ["csq.reg_strength0.01",
+                                                                                  "csq.reg_strength1"]
   assert [r.name for r in sweep.plan([])] == ["run"]
   with pytest.raises(app.UsageError, match="Unknown method 'hawq'"):
     sweep.plan([("method", ["csq", "hawq"])])
@@ -112,3 +114,17 @@ def test_sweep_command_refuses_a_finished_run_of_another_config(tmp_path):
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert "num_epochs: 6 (stored) vs 150 (now)" in out.stderr
   assert not (tmp_path / "t3" / "train.log").exists()  # nothing trained
+
+
+def test_plan_drops_another_methods_section_so_no_run_repeats():
+  """The cases of the architecture issue: a field of CSQ's section swept
+  next to BSQ runs BSQ once, without the field (it used to run BSQ twice, or
+  fail BSQ's validation with csq_rounds)."""
+  runs = sweep.plan([("method", ["csq", "bsq"]), ("csq.min_layer_bits", ["0", "1"])])
+  assert [r.name for r in runs] == ["csq_csq.min_layer_bits0", "csq_csq.min_layer_bits1", "bsq"]
+  runs = sweep.plan([("method", ["csq", "bsq"]), ("csq.rounds", ["1", "4"])])
+  assert [r.overrides for r in runs] == [(("method", "csq"), ("csq.rounds", "1")),
+                                         (("method", "csq"), ("csq.rounds", "4")), (("method", "bsq"),)]
+  # csq_uniform reads CSQ's section (its init); a user method's own section is its own.
+  runs = sweep.plan([("method", ["csq_uniform", "msq"]), ("csq.logit_init", ["1", "2"])])
+  assert [r.name for r in runs] == ["csq_uniform_csq.logit_init1", "csq_uniform_csq.logit_init2", "msq"]

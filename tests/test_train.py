@@ -199,13 +199,13 @@ def test_rerun_of_a_finished_run_with_another_config_is_refused(tiny_config, tmp
   train.train_and_evaluate(tiny_config, str(tmp_path))
   summary = (tmp_path / "summary.json").read_text()
   tiny_config.target_bits = 2.0
-  tiny_config.reg_strength = 0.1
+  tiny_config.csq.reg_strength = 0.1
   tiny_config.progress = True  # bookkeeping: not a difference
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"belong to another run: the config differs in target_bits: 3.0 \(stored\) vs 2.0 \(now\),"
-                           r" reg_strength: 0.3 \(stored\) vs 0.1 \(now\)\. Nothing was overwritten\. Start a new run"
+                           r" csq.reg_strength: 0.3 \(stored\) vs 0.1 \(now\)\. Nothing was overwritten\. Start a new run"
                            r" with a new --workdir, or resume this one deliberately with"
-                           r" --config.allow_resume_changes=target_bits,reg_strength\.$"):
+                           r" --config.allow_resume_changes=target_bits,csq.reg_strength\.$"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   assert (tmp_path / "summary.json").read_text() == summary
 
@@ -214,7 +214,7 @@ def test_config_comparison_skips_bookkeeping_ignored_and_allowed_fields(tiny_con
   stored = checkpoint.config_fields(tiny_config)
   changed = tiny_config.copy_and_resolve_references()
   changed.eval_every, changed.progress, changed.eval_batch_size = 1, True, 7  # bookkeeping
-  changed.msq_lambda = 0.5  # a knob CSQ ignores
+  changed.msq.reg_strength = 0.5  # a knob CSQ ignores
   checkpoint.check_same_config(stored, changed, "x")
   changed.num_epochs = 9
   with pytest.raises(checkpoint.CheckpointError, match="num_epochs: 2 \\(stored\\) vs 9 \\(now\\)"):
@@ -228,8 +228,8 @@ def test_terminal_says_what_the_run_does_and_shows_hard_and_soft_accuracy(tiny_c
   loss apart from the penalty, hard and soft test accuracy, and no
   placeholder compression while every bit is pruned."""
   tiny_config.num_epochs = 1
-  tiny_config.min_layer_bits = 0
-  tiny_config.reg_strength = 100.0  # prunes every bit within the epoch
+  tiny_config.csq.min_layer_bits = 0
+  tiny_config.csq.reg_strength = 100.0  # prunes every bit within the epoch
   tiny_config.bn_recalibration_epochs = 0
   train.train_and_evaluate(tiny_config, str(tmp_path))
   out = capsys.readouterr().out.splitlines()

@@ -12,6 +12,7 @@ from csq_jax.models import create_model
 from csq_jax.quantizers import csq
 from csq_jax.quantizers.csq import CSQWeight
 from csq_jax.quantizers.ste import STEWeight
+from csq_jax.methods import csq as csq_method
 from csq_jax.transform import QuantizeSpec, Rule
 
 DEFAULT_RULES = transform.rules_from_config(
@@ -46,7 +47,7 @@ def test_rule_and_spec_validation():
   with pytest.raises(ValueError):
     QuantizeSpec(method="bogus")
   with pytest.raises(ValueError):
-    QuantizeSpec(init="bogus")
+    QuantizeSpec(options={"init": "bogus"})
   for n in (0, 17):
     with pytest.raises(ValueError):
       QuantizeSpec(n_bits=n)
@@ -116,7 +117,7 @@ def test_rule_selecting_rank1_leaf_raises(pattern):
 
 
 def test_random_init_needs_key_and_has_he_scale():
-  spec = QuantizeSpec("csq", 4, init="random")
+  spec = QuantizeSpec("csq", 4, {"init": "random"})
   rules = [Rule(".*kernel")]
   with pytest.raises(ValueError):
     transform.quantize_params(_small_params(), rules, spec)
@@ -252,15 +253,15 @@ def test_set_mask_mode():
       "c": {"kernel": STEWeight(jnp.ones((2, 3)), 4)},
       "d": jnp.ones((3,)),
   }
-  frozen = transform.set_mask_mode(params, "frozen")
+  frozen = csq_method.set_mask_mode(params, "frozen")
   assert frozen["a"]["kernel"].mask_mode == "frozen"
   assert frozen["b"]["kernel"].mask_mode == "none"
   assert frozen["c"]["kernel"] is params["c"]["kernel"]
   assert frozen["d"] is params["d"]
-  back = transform.set_mask_mode(frozen, "learned")
+  back = csq_method.set_mask_mode(frozen, "learned")
   assert back["a"]["kernel"].mask_mode == "learned" and back["b"]["kernel"].mask_mode == "none"
   with pytest.raises(ValueError):
-    transform.set_mask_mode(params, "bogus")
+    csq_method.set_mask_mode(params, "bogus")
 
 
 def test_path_str_sequences():

@@ -25,14 +25,15 @@ from csq_jax import train
         ({"momentum": 1.5}, r"momentum=1.5 is out of range: expected a number in \[0, 1\)"),
         ({"beta0": 0.0}, r"beta0=0.0 is out of range"),
         ({"act_bits": 0}, r"act_bits=0 is out of range"),
-        ({"min_layer_bits": 9}, r"min_layer_bits=9 is out of range: expected an integer in \[0, n_bits\]"),
-        ({"csq_init": "zeros"}, r"csq_init='zeros' is out of range"),
+        ({"csq.min_layer_bits": 9}, r"csq.min_layer_bits=9 is out of range: expected an integer in \[0, n_bits\]"),
+        ({"csq.init": "zeros"}, r"csq.init='zeros' is out of range"),
         ({"learning_rate": float("nan")}, r"learning_rate=nan is out of range"),
     ],
 )
 def test_bad_field_values_are_refused_up_front_in_one_line(tiny_config, fields, message):
-  for k, v in fields.items():
-    tiny_config[k] = v
+  for k, v in fields.items():  # dotted: a method's section
+    *section, name = k.split(".")
+    (tiny_config[section[0]] if section else tiny_config)[name] = v
   with pytest.raises(train.ConfigError, match=message) as e:
     train.validate_config(tiny_config)
   assert "\n" not in str(e.value) and "n_bits must" not in str(e.value)

@@ -2,32 +2,50 @@
 
 A quantized layer is a single pytree leaf-like dataclass (``CSQWeight``,
 ``STEWeight``, ``BSQWeight`` and, in BSQ's finetune, ``BSQFinetuneWeight``,
-``MSQWeight``) that replaces the float kernel
-in the parameter tree. The functions here dispatch on that type, so code
-that walks a tree (transform, budget, export) never needs to know which
-method produced a leaf.
+``MSQWeight``, ``LSQWeight``) that replaces the float kernel in the parameter
+tree. Each quantizer module registers its leaf types here at import
+(``register``), and the functions below dispatch on the type, so code that
+walks a tree (transform, budget, sharding, export) never names a method's
+type or fields. A module registers with the functions it must define
+(``materialize``, ``precision``, ``integer_weights``, ``step_size``) and
+may define:
+
+* ``BIT_FIELDS``: its fields with a leading bit axis (sharding keeps that
+  axis whole; the materialized weight is pinned like their kernel axes);
+* ``grid_places(leaf)``: exponents of the place values whose signed sums form
+  the layer's grid (default: ``0..precision-1``; CSQ: its selected planes);
+* ``mask_regularizer(leaf, beta)``: Eq. (6)'s soft bit count (default 0);
+* ``static_precision(leaf)``: its bits as a Python int, where the structure
+  fixes them (STE, BSQ, MSQ, LSQ; not CSQ, whose masks are data).
+
+The built-in modules are imported below; a user's own quantizer registers
+when its module is imported (``docs/adding_a_method.md``).
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import jax
 import jax.numpy as jnp
 
-from csq_jax.quantizers import bsq, csq, msq, ste
-from csq_jax.quantizers.bsq import BSQFinetuneWeight, BSQWeight
-from csq_jax.quantizers.csq import CSQWeight
-from csq_jax.quantizers.msq import MSQWeight
-from csq_jax.quantizers.ste import STEWeight
+_MODULES: dict[type, ModuleType] = {}
+_REQUIRED = ("materialize", "precision", "integer_weights", "step_size")
 
-_MODULES = {CSQWeight: csq, STEWeight: ste, BSQWeight: bsq, BSQFinetuneWeight: bsq, MSQWeight: msq}
-QUANTIZED_TYPES = tuple(_MODULES)
+
+def register(leaf_type: type, module: ModuleType) -> None:
+  """Dispatch ``leaf_type`` to the functions of ``module`` (see above)."""
+  missing = [f for f in _REQUIRED if not callable(getattr(module, f, None))]
+  if missing:
+    raise TypeError(f"Quantizer module {module.__name__} lacks {', '.join(missing)}.")
+  _MODULES[leaf_type] = module
 
 
 def is_quantized(x) -> bool:
-  return isinstance(x, QUANTIZED_TYPES)
+  return type(x) in _MODULES
 
 
-def _module(leaf):
+def _module(leaf) -> ModuleType:
   try:
     return _MODULES[type(leaf)]
   except KeyError:
@@ -54,6 +72,27 @@ def step_size(leaf) -> jax.Array:
   return _module(leaf).step_size(leaf)
 
 
+def static_precision(leaf) -> int | None:
+  """Bits known from the leaf's structure alone, a Python int usable at trace
+  time (``None`` where precision is data, as CSQ's learned bit masks)."""
+  fn = getattr(_module(leaf), "static_precision", None)
+  return None if fn is None else int(fn(leaf))
+
+
+def bit_fields(leaf) -> tuple[str, ...]:
+  """Names of the leaf's fields whose axis 0 is a bit axis."""
+  return tuple(getattr(_module(leaf), "BIT_FIELDS", ()))
+
+
+def grid_places(leaf) -> list[int]:
+  """Exponents ``p`` of the place values ``2^p`` whose signed sums form the
+  layer's grid; their number is the layer's precision (host values)."""
+  fn = getattr(_module(leaf), "grid_places", None)
+  if fn is not None:
+    return fn(leaf)
+  return list(range(int(jax.device_get(precision(leaf)))))
+
+
 def num_weights(leaf) -> int:
   size = 1
   for d in leaf.shape:
@@ -62,28 +101,21 @@ def num_weights(leaf) -> int:
 
 
 def mask_regularizer(leaf, beta) -> jax.Array:
-  """Eq. (6) for CSQ leaves with a learned mask; zero for every other leaf."""
-  if isinstance(leaf, CSQWeight):
-    return csq.mask_regularizer(leaf, beta)
-  return jnp.zeros((), jnp.float32)
+  """Eq. (6) for leaves with a learned bit mask (CSQ); zero for the others."""
+  fn = getattr(_module(leaf), "mask_regularizer", None)
+  return fn(leaf, beta) if fn is not None else jnp.zeros((), jnp.float32)
 
+
+# The built-in quantizers (each registers its leaf types at import).
+from csq_jax.quantizers import bsq, csq, msq, ste  # noqa: E402
+from csq_jax.quantizers.bsq import BSQFinetuneWeight, BSQWeight  # noqa: E402
+from csq_jax.quantizers.csq import CSQWeight  # noqa: E402
+from csq_jax.quantizers.msq import MSQWeight  # noqa: E402
+from csq_jax.quantizers.ste import STEWeight  # noqa: E402
 
 __all__ = [
-    "BSQFinetuneWeight",
-    "BSQWeight",
-    "CSQWeight",
-    "MSQWeight",
-    "STEWeight",
-    "QUANTIZED_TYPES",
-    "bsq",
-    "csq",
-    "msq",
-    "ste",
-    "integer_weights",
-    "is_quantized",
-    "mask_regularizer",
-    "materialize",
-    "num_weights",
-    "precision",
-    "step_size",
+    "BSQFinetuneWeight", "BSQWeight", "CSQWeight", "MSQWeight", "STEWeight",
+    "bsq", "csq", "msq", "ste",
+    "bit_fields", "grid_places", "integer_weights", "is_quantized", "mask_regularizer", "materialize",
+    "num_weights", "precision", "register", "static_precision", "step_size",
 ]

@@ -45,6 +45,8 @@ in a plane; ``threshold`` here is the same quantity as a fraction
 
 from __future__ import annotations
 
+import sys
+
 from typing import Mapping
 
 import chex
@@ -52,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from csq_jax import quantizers
 
 PLANE_MIN = 0.0
 PLANE_MAX = 2.0
@@ -405,3 +409,16 @@ def check_shapes(w) -> None:
     return
   chex.assert_equal_shape([w.pos_planes, w.neg_planes])
   chex.assert_shape(w.scale, ())
+
+
+# Fields whose axis 0 is the bit axis (``quantizers.bit_fields``: sharding keeps it whole).
+BIT_FIELDS = ("pos_planes", "neg_planes")
+
+
+def static_precision(w) -> int:
+  """Bits from the leaf's structure alone (``quantizers.static_precision``)."""
+  return int(w.n_bits)
+
+
+quantizers.register(BSQWeight, sys.modules[__name__])
+quantizers.register(BSQFinetuneWeight, sys.modules[__name__])

@@ -18,6 +18,8 @@ bit selection ``I(m_B >= 0)`` when hard (``gates``: the step at exactly 0).
 
 from __future__ import annotations
 
+import sys
+
 from typing import Literal
 
 import chex
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from csq_jax import gates
+from csq_jax import gates, quantizers
 
 MaskMode = Literal["learned", "frozen", "none"]
 MASK_MODES = ("learned", "frozen", "none")
@@ -292,3 +294,17 @@ def check_shapes(w: CSQWeight) -> None:
   chex.assert_equal_shape([w.pos_logits, w.neg_logits])
   chex.assert_shape(w.mask_logits, (w.n_bits,))
   chex.assert_shape(w.scale, ())
+
+
+# Fields whose axis 0 is the bit axis (``quantizers.bit_fields``: sharding keeps it whole).
+BIT_FIELDS = ("pos_logits", "neg_logits")
+
+
+def grid_places(w: CSQWeight) -> list[int]:
+  """The selected planes (Eq. 4's ``I(m_B >= 0)``; every plane for CSQ-Uniform):
+  the place values whose signed sums form the layer's grid (host ints)."""
+  selected = np.asarray(jax.device_get(bit_selection(w, None, hard=True)))
+  return [int(p) for p in np.nonzero(selected)[0]]
+
+
+quantizers.register(CSQWeight, sys.modules[__name__])

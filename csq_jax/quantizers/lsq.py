@@ -21,10 +21,14 @@ deviation from the paper's grid (one level more on the negative side there).
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from csq_jax import quantizers
 
 
 @struct.dataclass
@@ -92,3 +96,12 @@ def init_from_float(kernel: jax.Array, bits: int = 8) -> LSQWeight:
   kernel = jnp.asarray(kernel, jnp.float32)
   step = 2.0 * jnp.mean(jnp.abs(kernel)) / np.sqrt(q_p(bits))
   return LSQWeight(latent=kernel, step=jnp.where(step > 0, step, 1.0).astype(jnp.float32), bits=bits)
+
+
+
+def static_precision(w) -> int:
+  """Bits from the leaf's structure alone (``quantizers.static_precision``)."""
+  return int(w.bits)
+
+
+quantizers.register(LSQWeight, sys.modules[__name__])

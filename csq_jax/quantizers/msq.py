@@ -88,8 +88,8 @@ Choices the papers (as summarized to us) leave open, made here:
    and on a trained network some layers sit within a few percent of the
    mean ``Omega``, where no affordable estimate decides the side. With
    their standard errors, ``prune_amounts`` gives ``k = 2`` only to layers
-   below the mean by ``z`` standard errors (``msq_hessian_z``); the
-   ``undecided`` layers first get more probes (``msq_hessian_max_probes``),
+   below the mean by ``z`` standard errors (``msq.hessian_z``); the
+   ``undecided`` layers first get more probes (``msq.hessian_max_probes``),
    and those still undecided keep ``k = 1``, as if sensitive. ``z = 0`` is
    the paper's rule.
 
@@ -99,12 +99,16 @@ Everything is a pure function of the leaf; ``bits`` and ``k`` are Python ints
 
 from __future__ import annotations
 
+import sys
+
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from csq_jax import quantizers
 
 MAX_BITS = 16
 
@@ -396,3 +400,12 @@ def undecided(omegas: Mapping[str, float], stderr: Mapping[str, float], z: float
   probes to them (``hessian.hutchpp_trace(refine=...)``); those left
   undecided get ``k = 1``."""
   return [n for n, (g, m) in _gaps_and_margins(omegas, stderr, z).items() if abs(g) <= m and m > 0]
+
+
+
+def static_precision(w) -> int:
+  """Bits from the leaf's structure alone (``quantizers.static_precision``)."""
+  return int(w.bits)
+
+
+quantizers.register(MSQWeight, sys.modules[__name__])

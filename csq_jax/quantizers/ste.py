@@ -14,9 +14,13 @@ grid and the same size accounting.
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from csq_jax import quantizers
 
 
 @struct.dataclass
@@ -82,3 +86,12 @@ def init_from_float(kernel: jax.Array, bits: int = 8) -> STEWeight:
   if not 1 <= bits <= 16:
     raise ValueError(f"STE bits must be in 1..16, got {bits}.")
   return STEWeight(latent=jnp.asarray(kernel, jnp.float32), bits=bits)
+
+
+
+def static_precision(w) -> int:
+  """Bits from the leaf's structure alone (``quantizers.static_precision``)."""
+  return int(w.bits)
+
+
+quantizers.register(STEWeight, sys.modules[__name__])
