@@ -59,6 +59,15 @@ def config_fields(config) -> dict[str, Any]:
   return {k: v for k, v in values.items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
 
 
+def _stored_fields(stored: dict[str, Any]) -> dict[str, Any]:
+  """A stored config's dotted fields; a run saved before the methods' config
+  sections has its flat knobs renamed (``bsq_alpha`` -> ``bsq.alpha``), so
+  it resumes under the same values."""
+  from csq_jax import report  # noqa: PLC0415
+
+  return {report.LEGACY_FIELDS.get(k, k): v for k, v in cli.flat_fields(stored).items()}
+
+
 def config_differences(stored: dict[str, Any], current: dict[str, Any], method: str | None = None) -> list[str]:
   """Fields (dotted) whose values differ between two ``config_fields`` dicts
   (``stored`` may be a whole JSON config), skipping bookkeeping fields and
@@ -72,7 +81,7 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], method: 
       ignores = lambda f: report.method_ignores(f, cls.sections(), cls.quantizes)  # noqa: E731
     except methods.UnknownMethodError:
       pass
-  stored = {k: v for k, v in cli.flat_fields(stored).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
+  stored = {k: v for k, v in _stored_fields(stored).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
   current = {k: v for k, v in cli.flat_fields(current).items() if k.split(".")[0] not in BOOKKEEPING_FIELDS}
   fields = list(dict.fromkeys([*current, *stored]))
   return [f for f in fields if stored.get(f, "<absent>") != current.get(f, "<absent>")
@@ -81,7 +90,7 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], method: 
 
 def describe_differences(stored: dict[str, Any], current: dict[str, Any], fields: list[str]) -> str:
   """``"target_bits: 3.0 (stored) vs 2.0 (now), ..."``."""
-  stored, current = cli.flat_fields(stored), cli.flat_fields(current)
+  stored, current = _stored_fields(stored), cli.flat_fields(current)
 
   def show(d, f):
     return json.dumps(d[f]) if f in d else "absent"

@@ -22,8 +22,9 @@ from typing import Any, Sequence
 from absl import flags
 
 from csq_jax import figures, report, sweep
+from csq_jax.methods import registry
 
-_METHODS = flags.DEFINE_list("methods", ["fp", "ste", "csq_uniform", "csq", "bsq", "msq"], "Methods to run.")
+_METHODS = flags.DEFINE_list("methods", list(registry.names()), "Methods to run (default: every registered one).")
 _TARGETS = flags.DEFINE_list("targets", ["2", "3", "4"], "Target average bits (fixed bits for ste/csq_uniform).")
 
 COLUMNS = (

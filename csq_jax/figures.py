@@ -25,13 +25,22 @@ import math
 import os
 from typing import Any, Sequence
 
+from csq_jax.methods import registry
+
 Run = dict[str, Any]
 
-# The six methods' colours and markers, fixed so that every figure agrees.
-METHOD_STYLE = {
-    "fp": ("black", "*"), "ste": ("tab:gray", "v"), "csq_uniform": ("tab:purple", "s"),
-    "csq": ("tab:blue", "o"), "bsq": ("tab:orange", "D"), "msq": ("tab:green", "^"),
-}
+# Colour and marker of each registered method, by its place in the registry
+# (fp, ste, lsq, csq_uniform, csq, bsq, msq), so that every figure agrees;
+# methods outside the registry share the last style.
+_STYLES = (("black", "*"), ("tab:gray", "v"), ("tab:red", "X"), ("tab:purple", "s"), ("tab:blue", "o"),
+           ("tab:orange", "D"), ("tab:green", "^"), ("tab:cyan", "p"), ("tab:olive", "h"))
+_OTHER_STYLE = ("tab:brown", "P")
+
+
+def method_style(method: str) -> tuple[str, str]:
+  """``(colour, marker)`` of a method in the report's figures."""
+  names = registry.names()
+  return _STYLES[names.index(method)] if method in names and names.index(method) < len(_STYLES) else _OTHER_STYLE
 MAX_GROUPED_RUNS = 8  # more runs (or different layers) get one panel each
 
 
@@ -206,7 +215,7 @@ def plot_accuracy_vs_compression(points: Sequence[dict[str, Any]], path: str,
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 4.8))
   for method in dict.fromkeys(p["method"] for p in points):
-    color, marker = METHOD_STYLE.get(method, ("tab:brown", "P"))
+    color, marker = method_style(method)
     pts = sorted((p["compression"], 100 * p["test_accuracy"]) for p in points if p["method"] == method)
     ax.plot(*zip(*pts), marker=marker, color=color, ls="-" if len(pts) > 1 else "none", lw=0.8,
             alpha=0.8, ms=8 if method == "fp" else 6, label=method)
