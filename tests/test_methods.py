@@ -206,7 +206,7 @@ def _records(workdir):
 
 def test_msq_training_prunes_and_resumes_across_a_precision_change(tmp_path, monkeypatch):
   c = _config(method="msq", num_epochs=3, finetune_epochs=1, target_bits=6.0, msq_prune_every=1,
-              msq_threshold=0.0, msq_hessian_probes=2)
+              msq_threshold=0.0, msq_hessian_probes=2, msq_hessian_sketch=2)  # the mechanism, on a small Hessian
   full = _train(c, tmp_path / "full")
   recs = _records(tmp_path / "full")
   assert recs[0]["avg_bits"] < 8.0  # pruned after the first epoch

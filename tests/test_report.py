@@ -162,7 +162,7 @@ def test_report_of_two_tiny_runs(tiny_config, tmp_path, capsys):
   csq.target_bits = 2.0
   msq = tiny_config.copy_and_resolve_references()
   msq.update(method="msq", target_bits=4.0)
-  msq.msq.update(prune_every=1, threshold=0.0, hessian_probes=2)
+  msq.msq.update(prune_every=1, threshold=0.0, hessian_probes=2, hessian_sketch=2)
   summaries = {name: train.train_and_evaluate(c, str(tmp_path / "runs" / name))
                for name, c in (("csq_t2", csq), ("msq_t4", msq))}
   report.main([str(tmp_path / "runs"), f"--out={tmp_path / 'report'}"])
