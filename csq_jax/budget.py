@@ -8,8 +8,10 @@ convolution and the last dense layer are quantized and counted by default.
 
 * average precision: ``sum_l N_l b_l / sum_l N_l`` over counted layers
   (``weighting="params"``, the paper's "average precision of all elements"),
-  or ``sum_l b_l / L`` (``weighting="layers"``, the authors' code, which pools
-  mask bits over layers unweighted);
+  ``sum_l b_l / L`` (``weighting="layers"``, the authors' code, which pools
+  mask bits over layers unweighted), or ``sum_l M_l b_l / sum_l M_l`` with
+  ``M_l`` the layer's MACs (``weighting="macs"``: a budget of bit operations,
+  ``target * sum_l M_l * a_bits`` BOPs);
 * ``Delta_S = average precision - target`` (Eq. 7), held constant for the
   gradient;
 * penalty ``lambda * Delta_S * sum_l R(m_B^l)`` with ``R`` of Eq. (6);
@@ -28,7 +30,7 @@ import numpy as np
 
 from csq_jax import quantizers, transform
 
-WEIGHTINGS = ("params", "layers")
+WEIGHTINGS = ("params", "layers", "macs")
 
 
 def layer_precisions(qparams: Any) -> dict[str, jax.Array]:
@@ -41,18 +43,37 @@ def layer_sizes(qparams: Any) -> dict[str, int]:
   return {k: quantizers.num_weights(v) for k, v in transform.quantized_leaves(qparams).items()}
 
 
-def average_bits(qparams: Any, weighting: str = "params") -> jax.Array:
-  """Average precision of the counted layers (float32 scalar); traceable."""
-  if weighting not in WEIGHTINGS:
-    raise ValueError(f"Unknown budget weighting {weighting!r}; expected one of {WEIGHTINGS}.")
-  leaves = list(transform.quantized_leaves(qparams).values())
+def layer_weights(qparams: Any, weighting: str = "params", macs: dict[str, int] | None = None) -> dict[str, float]:
+  """Each counted layer's weight in the budget's average precision: its
+  number of weights (``params``, the paper), 1 (``layers``, the authors'
+  code) or its multiply-accumulates per example (``macs``: the average is
+  then MAC-weighted, and ``target * sum MACs * a_bits`` is a BOPs budget)."""
+  sizes = layer_sizes(qparams)
+  if weighting == "params":
+    return {k: float(v) for k, v in sizes.items()}
+  if weighting == "layers":
+    return {k: 1.0 for k in sizes}
+  if weighting == "macs":
+    if macs is None:
+      raise ValueError("budget_weighting='macs' needs the layers' MACs (budget.layer_macs of the model).")
+    missing = [k for k in sizes if k not in macs]
+    if missing:
+      raise ValueError(f"budget_weighting='macs': no MACs for the counted layers {missing[:3]}; only Conv and"
+                       " Dense kernels have them (keep other parameters float or use budget_weighting='params').")
+    return {k: float(macs[k]) for k in sizes}
+  raise ValueError(f"Unknown budget weighting {weighting!r}; expected one of {WEIGHTINGS}.")
+
+
+def average_bits(qparams: Any, weighting: str = "params", macs: dict[str, int] | None = None) -> jax.Array:
+  """Average precision of the counted layers under ``layer_weights``
+  (float32 scalar); traceable."""
+  leaves = transform.quantized_leaves(qparams)
+  weights = layer_weights(qparams, weighting, macs)
   if not leaves:
     return jnp.asarray(32.0, jnp.float32)
-  bits = jnp.stack([quantizers.precision(q) for q in leaves]).astype(jnp.float32)
-  if weighting == "layers":
-    return jnp.mean(bits)
-  sizes = jnp.asarray([quantizers.num_weights(q) for q in leaves], jnp.float32)
-  return jnp.sum(sizes * bits) / jnp.sum(sizes)
+  bits = jnp.stack([quantizers.precision(q) for q in leaves.values()]).astype(jnp.float32)
+  w = jnp.asarray([weights[k] for k in leaves], jnp.float32)
+  return jnp.sum(w * bits) / jnp.sum(w)
 
 
 def mask_sum(qparams: Any, beta) -> jax.Array:
@@ -67,6 +88,7 @@ def budget_penalty(
     target_bits: float,
     strength: float,
     weighting: str = "params",
+    macs: dict[str, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The budget-aware regularizer of Eq. (7).
 
@@ -78,7 +100,7 @@ def budget_penalty(
   Returns:
     ``(penalty, delta_s)``.
   """
-  delta_s = jax.lax.stop_gradient(average_bits(qparams, weighting) - target_bits)
+  delta_s = jax.lax.stop_gradient(average_bits(qparams, weighting, macs) - target_bits)
   return strength * delta_s * mask_sum(qparams, beta), delta_s
 
 

@@ -270,10 +270,25 @@ def table_rows(runs: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[di
   for i, r in enumerate(runs):
     s = r["summary"]
     row = {key: s.get(key) for key, _ in COLUMNS}
-    row.update(run=r["name"], target_bits=None if s["method"] == "fp" else s["target_bits"], pareto=i in front)
+    row.update(run=r["name"], target_bits=None if s["method"] == "fp" else s["target_bits"], pareto=i in front,
+               budget=budget_text(s))
     row.update({f: config_value(r, f) for f in fields})
     rows.append(row)
   return rows
+
+
+def budget_text(summary: dict[str, Any]) -> str | None:
+  """The budget in its own terms, e.g. ``macs: 0.145 / 0.150 GBOPs (2.883 /
+  3 bits)``; ``None`` for runs without one (FP, runs before the record)."""
+  b = summary.get("budget")
+  if not b or "achieved_bits" not in b:
+    return None
+  bits = f"{b['achieved_bits']:.3f} / {b['target_bits']:g} bits"
+  if "achieved_gbops" in b:
+    return f"{b['kind']}: {b['achieved_gbops']:.4g} / {b['target_gbops']:.4g} GBOPs ({bits})"
+  if "achieved_bytes" in b:
+    return f"{b['kind']}: {b['achieved_bytes']:.0f} / {b['target_bytes']:.0f} bytes ({bits})"
+  return f"{b['kind']}: {bits}"
 
 
 def seed_groups(runs: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[list[dict[str, Any]]]:
@@ -370,6 +385,8 @@ def write_report(paths: Sequence[str], out: str | None = None,
     r["label"] = label if labels.count(label) == 1 else f"{label} ({r['name']})"
   rows = table_rows(runs, fields)
   columns = [*COLUMNS, *((f, f) for f in fields), ("pareto", "Pareto front")]
+  if any(r["summary"].get("budget", {}).get("kind", "params") != "params" for r in runs):
+    columns.insert(len(COLUMNS), ("budget", "budget (achieved / target)"))
 
   written = []
   points = [{"method": r["summary"]["method"], "label": r["label"], "compression": r["summary"]["compression"],

@@ -44,6 +44,7 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
       "model_size_bits": float(budget.model_size_bits(params)),
       "counted_params": int(sum(sizes.values())),
       "bops": budget.bops(params, macs, min(act_bits, 32)),
+      "budget": budget_summary(config, params, macs),
       "test_accuracy": float(accuracy),
       "test_loss": float(loss),
       "fp_accuracy": float(fp) if fp is not None and fp >= 0 else None,
@@ -54,6 +55,26 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
       "float_params": [k for k, (a, _) in rules_report.actions.items() if a == "float"],
       "unused_rules": [r.pattern for r in rules_report.unused_rules],
   }
+
+
+def budget_summary(config, params, macs: dict[str, int]) -> dict[str, Any]:
+  """The budget in its own terms: its kind (``budget_weighting``), the target
+  and the achieved average precision under that weighting, and in its unit:
+  bytes of the counted weights (params), GBOPs per example (macs)."""
+  out = {"kind": config.budget_weighting, "target_bits": float(config.target_bits)}
+  if not transform.quantized_leaves(params):
+    return out
+  out["achieved_bits"] = float(budget.average_bits(params, config.budget_weighting, macs))
+  sizes = budget.layer_sizes(params)
+  if config.budget_weighting == "params":
+    out.update(target_bytes=config.target_bits * sum(sizes.values()) / 8,
+               achieved_bytes=float(budget.model_size_bits(params)) / 8)
+  elif config.budget_weighting == "macs":
+    a_bits = min(int(config.act_bits), 32)
+    total = sum(macs[k] for k in sizes)
+    out.update(target_gbops=config.target_bits * total * a_bits / 1e9,
+               achieved_gbops=budget.bops(params, macs, a_bits) / 1e9)
+  return out
 
 
 def exactly_quantized(params) -> bool:

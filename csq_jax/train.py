@@ -37,6 +37,7 @@ import numpy as np
 from absl import logging
 
 from csq_jax import budget, checkpoint, data, distributed, export, methods, metric_writers, sharding, summary
+from csq_jax import transform
 # The loop's building blocks, re-exported: state and phases, the jitted steps, the config checks.
 from csq_jax.train_checks import ConfigError, check_rules_quantize, validate_config  # noqa: F401
 from csq_jax.train_state import (  # noqa: F401
@@ -255,7 +256,11 @@ def epoch_line(epoch: int, total: int, metrics: dict[str, Any], config) -> str:
       test += f" soft {100 * m['test_accuracy_soft']:.1f}%"
     parts.append(test)
   if method.quantizes:
-    parts.append(f"avg bits {m['avg_bits']:.3f}" + (f" (target {config.target_bits:g})" if method.searches else ""))
+    parts.append(f"avg bits {m['avg_bits']:.3f}")
+    if method.searches:
+      weighted = m.get("budget_bits", m["avg_bits"])
+      parts[-1] += (f" (target {config.target_bits:g})" if config.budget_weighting == "params" else
+                    f", {config.budget_weighting}-weighted {weighted:.3f} (target {config.target_bits:g})")
     parts.append(f"compression {m['compression']:.2f}x" if "compression" in m
                  else "every bit pruned for now (the search regrows them)")
     if method.uses_temperature:
@@ -289,6 +294,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.make_mesh(config.get("mesh", sharding.DEFAULT_MESH))
   state, rules_report = init_state(config, model, ds.image_shape, phases[0], jax.random.key(config.seed))
   check_rules_quantize(config, rules_report)
+  if config.budget_weighting == "macs":  # the budget's per-layer costs: MACs per example
+    variables = {"params": transform.materialize(state.params, 1.0, hard=True), "batch_stats": state.batch_stats}
+    method.macs = budget.layer_macs(model, variables, jnp.zeros((1,) + tuple(ds.image_shape)), train=False)
   state = sharding.place(state, sharding.state_sharding(mesh, state))  # also the template a restore fills
   identity = {**checkpoint.run_identity(config), "config": checkpoint.config_fields(config)}
 
@@ -386,6 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       metrics.update(
           phase=phase.name, beta=float(phase.beta(state.step)),
           avg_bits=float(budget.average_bits(state.params, "params")),
+          budget_bits=float(budget.average_bits(state.params, config.budget_weighting, method.macs)),
           model_size_bits=size_bits,
           epoch_time_s=epoch_time,
       )

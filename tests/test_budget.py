@@ -185,3 +185,22 @@ def test_layer_macs_keys_are_resnet20_param_paths():
   assert macs["stage2_block0/shortcut_conv/kernel"] == 16 * 32 * 16 * 16
   assert macs["stage3_block2/conv1/kernel"] == 3 * 3 * 64 * 64 * 8 * 8
   assert macs["head/kernel"] == 64 * 10
+
+
+def test_macs_weighting_is_the_mac_weighted_average_and_a_bops_budget():
+  """``budget_weighting="macs"``: ``sum_l M_l b_l / sum_l M_l`` (numpy), so
+  that ``target * sum M_l * a_bits`` is the BOPs of a model at the target."""
+  from csq_jax.quantizers import ste
+
+  rng = np.random.default_rng(0)
+  q = {"a": {"kernel": ste.init_from_float(rng.normal(size=(3, 3, 4, 8)).astype(np.float32), 2)},
+       "b": {"kernel": ste.init_from_float(rng.normal(size=(8, 10)).astype(np.float32), 6)}}
+  macs = {"a/kernel": 288 * 64, "b/kernel": 80}
+  expected = (288 * 64 * 2 + 80 * 6) / (288 * 64 + 80)
+  assert float(budget.average_bits(q, "macs", macs)) == pytest.approx(expected, rel=1e-6)
+  assert float(budget.average_bits(q, "params")) == pytest.approx((288 * 2 + 80 * 6) / 368, rel=1e-6)
+  assert budget.bops(q, macs, 8) == pytest.approx(expected * sum(macs.values()) * 8, rel=1e-6)
+  with pytest.raises(ValueError, match="needs the layers' MACs"):
+    budget.average_bits(q, "macs")
+  with pytest.raises(ValueError, match="no MACs for the counted layers"):
+    budget.layer_weights(q, "macs", {"a/kernel": 1})

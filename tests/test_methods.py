@@ -335,3 +335,18 @@ def test_bsq_effective_precision_is_the_bit_length_of_the_rounded_sum():
   assert int(bsq.effective_precision(bsq.requantize(half))) == 7 == bsq.requantize(half).n_bits
   zero = w.replace(pos_planes=w.pos_planes * 0, neg_planes=w.neg_planes * 0)
   assert int(bsq.effective_precision(zero)) == 1
+
+
+@pytest.mark.parametrize("kind", ["bsq", "msq"])
+def test_penalty_gate_follows_the_budget_weighting(kind):
+  """Layers of 300 weights at 8 bits and 100 at 4: over a target of 5 by
+  weights (7 bits), under it by MACs when the small layer does nearly all the
+  multiply-accumulates (budget_weighting="macs": ~4.004 bits)."""
+  p = _two_layers(kind, bits=(8, 4))
+  by_params = methods.get(_config(method=kind, target_bits=5.0))
+  by_macs = methods.get(_config(method=kind, target_bits=5.0, budget_weighting="macs"))
+  by_macs.macs = {"a/kernel": 1, "b/kernel": 1000}
+  pen, delta = by_params.regularizer(p, 1.0)
+  assert float(pen) > 0 and float(delta) == pytest.approx(2.0)
+  pen, delta = by_macs.regularizer(p, 1.0)
+  assert float(pen) == 0.0 and float(delta) == pytest.approx((8 + 4000) / 1001 - 5.0, rel=1e-5)

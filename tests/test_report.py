@@ -179,3 +179,17 @@ def test_report_of_two_tiny_runs(tiny_config, tmp_path, capsys):
   run = report.load_run(str(tmp_path / "runs" / "msq_t4"))
   assert set(run["sensitivity"]) == {l["name"] for l in summaries["msq_t4"]["layers"]}
   assert all(np.isfinite(v) for v in run["sensitivity"].values()) and run["sensitivity_epoch"] == 2
+
+
+def test_a_budget_in_macs_gets_a_column_in_its_own_unit(tmp_path):
+  runs = tmp_path / "runs"
+  _fake_run(runs, "csq_params", "csq", 3.0, 0.95, [3] * 8)
+  _fake_run(runs, "csq_macs", "csq", 3.0, 0.96, [3] * 8)
+  path = runs / "csq_macs" / "summary.json"
+  s = json.loads(path.read_text())
+  s["budget"] = {"kind": "macs", "target_bits": 3.0, "achieved_bits": 2.883, "target_gbops": 0.1504,
+                 "achieved_gbops": 0.1446}
+  path.write_text(json.dumps(s))
+  md = open(report.write_report([str(runs)])).read()
+  assert "| budget (achieved / target) |" in md
+  assert "| macs: 0.1446 / 0.1504 GBOPs (2.883 / 3 bits) |" in md

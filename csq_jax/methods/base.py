@@ -91,19 +91,20 @@ def static_precisions(params: Any) -> dict[str, int | None]:
   return {k: quantizers.static_precision(v) for k, v in transform.quantized_leaves(params).items()}
 
 
-def static_average_bits(params: Any) -> float:
-  """Parameter-weighted average precision from static structure (a Python
-  float, usable to gate a penalty at trace time)."""
+def static_average_bits(params: Any, weights: dict[str, float] | None = None) -> float:
+  """Average precision from static structure (a Python float, usable to gate
+  a penalty at trace time), weighted by ``weights`` (``budget.layer_weights``;
+  default: each layer's number of weights)."""
   bits = static_precisions(params)
-  sizes = budget.layer_sizes(params)
+  weights = weights or {k: float(v) for k, v in budget.layer_sizes(params).items()}
   if any(b is None for b in bits.values()):
     raise ValueError("static_average_bits needs layers of static precision (not CSQ).")
-  total = sum(sizes.values())
-  return sum(sizes[k] * bits[k] for k in bits) / total if total else 32.0
+  total = sum(weights[k] for k in bits)
+  return sum(weights[k] * bits[k] for k in bits) / total if total else 32.0
 
 
-def over_budget(params, target: float) -> bool:
-  return static_average_bits(params) > target + 1e-9
+def over_budget(params, target: float, weights: dict[str, float] | None = None) -> bool:
+  return static_average_bits(params, weights) > target + 1e-9
 
 
 def map_type(fn, leaf_type, params):
@@ -219,6 +220,7 @@ class Method:
     self.config = config
     self.target = float(config.target_bits)
     self.weighting = config.budget_weighting
+    self.macs: dict[str, int] | None = None  # per-layer MACs, set by the loop for budget_weighting="macs"
     self.opts = self.options(config)
 
   @property
@@ -268,11 +270,16 @@ class Method:
 
   # -- hooks -------------------------------------------------------------------
 
+  def budget_weights(self, params) -> dict[str, float]:
+    """Each counted layer's weight in the budget (``budget.layer_weights``)."""
+    return budget.layer_weights(params, self.weighting, self.macs)
+
   def delta_s(self, params) -> jax.Array:
-    """Average precision minus the target, no gradient (0 without counted layers)."""
+    """Average precision (in the budget's weighting) minus the target, no
+    gradient (0 without counted layers)."""
     if not transform.quantized_leaves(params):
       return jnp.zeros((), jnp.float32)
-    return jax.lax.stop_gradient(budget.average_bits(params, self.weighting) - self.target)
+    return jax.lax.stop_gradient(budget.average_bits(params, self.weighting, self.macs) - self.target)
 
   def regularizer(self, params, beta) -> tuple[jax.Array, jax.Array]:
     """``(penalty, delta_s)`` added to the loss in the search phase (traced)."""

@@ -70,7 +70,8 @@ class BSQ(base.Method):
     re-quantization would keep), every step. Left alone, the Lasso empties
     the same plane of every layer in lock-step and one re-quantization drops
     a whole bit from the model. So the layers are ranked, highest effective
-    precision first (larger layers first among equals), and the Lasso acts on
+    precision first (larger budget shares first among equals: weights, or
+    MACs under ``budget_weighting="macs"``), and the Lasso acts on
     the leading layers whose one-bit drops together fit in
     ``average - (target - budget_tolerance)`` (at least the first one while
     the average is above the target; none once it is at or below it).
@@ -83,7 +84,9 @@ class BSQ(base.Method):
     bits = jnp.stack([bsq.effective_precision(v) if isinstance(v, BSQWeight) else quantizers.precision(v)
                       for v in counted.values()]).astype(jnp.float32)
     sizes = np.asarray([quantizers.num_weights(v) for v in counted.values()], np.float32)
-    frac = jnp.asarray(sizes / sizes.sum())
+    budget_weights = self.budget_weights(params)
+    cost = np.asarray([budget_weights[k] for k in counted], np.float32)
+    frac = jnp.asarray(cost / cost.sum())  # each layer's share of the budget's average
     delta = jax.lax.stop_gradient(jnp.sum(frac * bits) - self.target)
     is_bsq = jnp.asarray([isinstance(v, BSQWeight) for v in counted.values()])
     order = jnp.argsort(-(bits + frac) - jnp.where(is_bsq, 0.0, 1e3))  # fixed layers last
@@ -108,7 +111,7 @@ class BSQ(base.Method):
   def adjust(self, params, ctx):
     if self.every <= 0 or ctx.epoch % self.every or ctx.epoch == ctx.epochs:
       return params, {}  # the last search epoch is followed by start_finetune's
-    before = base.static_average_bits(params)
+    before = base.static_average_bits(params, self.budget_weights(params))
     params = self._requantize(params, self.threshold)
     return params, {"requantized": True, "avg_bits_before": before}
 

@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 from absl import logging
 
-from csq_jax import budget, hessian, transform
+from csq_jax import hessian, transform
 from csq_jax.methods import base
 from csq_jax.quantizers import msq
 from csq_jax.quantizers.msq import MSQWeight
@@ -84,7 +84,7 @@ class MSQ(base.Method):
   def regularizer(self, params, beta):
     del beta
     leaves = [v for v in transform.quantized_leaves(params).values() if isinstance(v, MSQWeight)]
-    if not leaves or not base.over_budget(params, self.target):
+    if not leaves or not base.over_budget(params, self.target, self.budget_weights(params)):
       return jnp.zeros((), jnp.float32), self.delta_s(params)
     total = sum((msq.regularizer(w) for w in leaves), jnp.zeros((), jnp.float32))
     return self.strength * total, self.delta_s(params)
@@ -129,16 +129,17 @@ class MSQ(base.Method):
     return info["lsb_k"], info["sensitivity"]
 
   def adjust(self, params, ctx):
-    if self.every <= 0 or ctx.epoch % self.every or not base.over_budget(params, self.target):
+    if self.every <= 0 or ctx.epoch % self.every or not base.over_budget(params, self.target,
+                                                                         self.budget_weights(params)):
       return params, {}
     measured = self.sensitivities(params, ctx)
     omegas = measured.get("sensitivity", {})
     ks = measured.get("lsb_k") or {k: 1 for k, v in transform.quantized_leaves(params).items()
                                    if isinstance(v, MSQWeight)}
     leaves = transform.quantized_leaves(params)
-    sizes = budget.layer_sizes(params)
+    sizes = self.budget_weights(params)  # each layer's weight in the budget's average
     total = sum(sizes.values())
-    avg = base.static_average_bits(params)
+    avg = base.static_average_bits(params, sizes)
     sparsity = {p: float(msq.lsb_sparsity(leaves[p], leaves[p].lsb_k, exclude_max=True))
                 for p, w in leaves.items() if isinstance(w, MSQWeight) and w.bits > 1}
     # Prune the layers whose penalized LSBs are sparse enough, least sensitive
