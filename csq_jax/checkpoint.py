@@ -26,16 +26,13 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from csq_jax import cli
+from csq_jax import cli, report
 
 # Config fields that must agree between a checkpoint and the run resuming it
 # (checkpoints written before the whole config was stored are checked on these).
 IDENTITY_KEYS = ("model", "method", "dataset", "n_bits")
 # Config fields that never change a run's result: they may differ on resume.
-BOOKKEEPING_FIELDS = ("progress", "tensorboard", "keep_checkpoints", "eval_every", "eval_soft", "fp_accuracy",
-                      "data_dir", "data_workers", "prefetch_batches", "eval_batch_size", "checkpoint_every_steps",
-                      "check_finite_every_steps", "mesh", "distributed", "allow_resume_changes",
-                      "checkpoint_fallback")
+BOOKKEEPING_FIELDS = report.BOOKKEEPING_FIELDS
 CHECKSUM_FILE = "checksums.json"
 
 
@@ -63,8 +60,6 @@ def _stored_fields(stored: dict[str, Any]) -> dict[str, Any]:
   """A stored config's dotted fields; a run saved before the methods' config
   sections has its flat knobs renamed (``bsq_alpha`` -> ``bsq.alpha``), so
   it resumes under the same values."""
-  from csq_jax import report  # noqa: PLC0415
-
   return {report.LEGACY_FIELDS.get(k, k): v for k, v in cli.flat_fields(stored).items()}
 
 
@@ -72,7 +67,7 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any], method: 
   """Fields (dotted) whose values differ between two ``config_fields`` dicts
   (``stored`` may be a whole JSON config), skipping bookkeeping fields and
   fields that ``method`` ignores (another method's knobs, FP's target)."""
-  from csq_jax import methods, report  # noqa: PLC0415
+  from csq_jax import methods  # noqa: PLC0415
 
   ignores = lambda f: False  # noqa: E731
   if method and methods.is_known(method):

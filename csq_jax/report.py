@@ -54,9 +54,13 @@ class ReportError(ValueError):
 
 
 METHOD_ORDER = registry.names()  # the registry's order: baselines first
-# Config fields that never change a result: not columns of the table.
+# Config fields that never change a result (logging, evaluation cadence, data
+# workers, devices, resume policy): not columns of the table, and not compared
+# when a checkpoint is resumed (checkpoint.py).
 BOOKKEEPING_FIELDS = ("progress", "tensorboard", "keep_checkpoints", "eval_every", "eval_soft", "fp_accuracy",
-                      "data_dir")
+                      "data_dir", "data_workers", "prefetch_batches", "eval_batch_size", "checkpoint_every_steps",
+                      "check_finite_every_steps", "mesh", "distributed", "allow_resume_changes",
+                      "checkpoint_fallback")
 # The budget: a method that keeps float weights ignores it.
 BUDGET_FIELDS = ("target_bits", "n_bits", "budget_weighting", "budget_tolerance")
 # Runs written before methods had config sections: their flat knobs, renamed
@@ -169,7 +173,7 @@ def varying_fields(runs: Sequence[dict[str, Any]]) -> list[str]:
   fields = dict.fromkeys(k for r in runs for k in run_config(r))
   out = []
   for f in fields:
-    if f in ("method", "target_bits") or f in BOOKKEEPING_FIELDS:
+    if f in ("method", "target_bits") or f.split(".")[0] in BOOKKEEPING_FIELDS:
       continue
     values = {json.dumps(config_value(r, f)) for r in runs
               if r["summary"].get("config") and not _run_ignores(r, f)}

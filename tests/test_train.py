@@ -166,6 +166,9 @@ def test_bsq_and_msq_reach_the_budget_on_the_default_job(tmp_path, method):
   c.num_epochs = 60  # BSQ ends at 4.04 bits on 40 + 4 (measured)
   c.finetune_epochs = 6
   c.target_bits = 3.0
+  # The budget is the result here, not the Hessian's precision: MSQ's k from a
+  # small Hutch++ (2 sketch vectors + 2 probes per layer, at most 4 probes).
+  c.msq.update(hessian_sketch=2, hessian_probes=2, hessian_max_probes=4)
   s = train.train_and_evaluate(c, str(tmp_path))
   assert abs(s["avg_bits"] - 3.0) <= 0.25, s["layers"]
   assert s["exactly_quantized"]
