@@ -231,7 +231,7 @@ class Method:
 
   def quantize_spec(self) -> transform.QuantizeSpec:
     """How ``quantize`` rules turn this run's kernels into leaves."""
-    return transform.QuantizeSpec(self.name, self.leaf_bits, self.opts)
+    return transform.QuantizeSpec(self.name or self.config.method, self.leaf_bits, self.opts)
 
   @classmethod
   def init_leaf(cls, kernel: jax.Array, bits: int, key: jax.Array | None, options: Mapping[str, Any]):
