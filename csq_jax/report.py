@@ -109,7 +109,7 @@ def run_method(summary: dict[str, Any]) -> tuple[tuple[str, ...], bool]:
 
 def _run_ignores(run: dict[str, Any], field: str) -> bool:
   reads, quantizes = run_method(run["summary"])
-  return method_ignores(field, reads, quantizes, run.get("method_sections", ()))
+  return method_ignores(field, reads, quantizes, run.get("owned_sections", ()))
 
 
 def find_runs(paths: Sequence[str]) -> list[str]:
@@ -377,7 +377,7 @@ def write_report(paths: Sequence[str], out: str | None = None,
   runs = [load_run(d) for d in dirs]
   owned = sorted({x for r in runs for x in run_method(r["summary"])[0]})  # user methods' sections too
   for r in runs:
-    r["method_sections"] = owned
+    r["owned_sections"] = owned
   base = os.path.commonpath([os.path.abspath(d) for d in dirs])
   for r in runs:  # the path below the runs' common directory, or the run's own name
     rel = os.path.relpath(os.path.abspath(r["dir"]), base)

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from csq_jax import quantizers
+from csq_jax.methods import registry  # names only, no JAX: the method modules load on use
 
 Action = Literal["quantize", "float", "fixed"]
 ACTIONS = ("quantize", "float", "fixed")
@@ -84,8 +85,6 @@ class QuantizeSpec:
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    from csq_jax.methods import registry  # noqa: PLC0415 (the methods import this module)
-
     cls = registry.resolve(self.method)
     object.__setattr__(self, "options", {**cls.defaults(), **dict(self.options)})
     cls.check_options(self.options)
@@ -94,8 +93,6 @@ class QuantizeSpec:
 
   @property
   def method_class(self) -> type:
-    from csq_jax.methods import registry  # noqa: PLC0415
-
     return registry.resolve(self.method)
 
 
@@ -186,8 +183,6 @@ def _apply_rule(leaf, rule: Rule, spec: QuantizeSpec, key, name: str):
     )
   if rule.action == "fixed":  # uniform STE at the rule's bits, whatever the method
     bits = 8 if rule.bits is None else rule.bits
-    from csq_jax.methods import registry  # noqa: PLC0415
-
     return registry.resolve("ste").init_leaf(leaf, bits, None, {}), ("fixed", bits)
   bits = spec.n_bits if rule.bits is None else rule.bits
   return cls.init_leaf(leaf, bits, key, spec.options), ("quantize", bits)
