@@ -154,6 +154,33 @@ def test_hooks_keep_the_tree_and_run_under_jit(name, float_params):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_a_layer_that_a_rule_fixes_at_8_bits_goes_through_every_hook(name, float_params):
+  """ImageNet configs fix the first and last layers at 8 bits: those leaves
+  are STE weights inside any method's tree (``transform``'s ``"fixed"``
+  rule). Optimizer labels, the regularizer and every hook must accept them
+  and leave them at 8 bits (a CSQ run on ``configs/imagenet_r50.py`` once
+  failed in ``leaf_labels`` on exactly this)."""
+  c = _config(name)
+  c.rules = (("conv0/kernel", "fixed", 8), ("head/kernel", "fixed", 8), (".*kernel", "quantize"))
+  method = methods.get(c)
+  q, report = transform.quantize_params(float_params, transform.rules_from_config(c.rules), method.quantize_spec(),
+                                        jax.random.key(1))
+  fixed = ("fixed", 8) if method.quantizes else ("float", None)
+  assert report.actions["conv0/kernel"] == fixed and report.actions["head/kernel"] == fixed
+  tx = train.make_optimizer(c, lambda step: 0.1, method)
+  updates, _ = jax.jit(tx.update)(jax.tree_util.tree_map(jnp.ones_like, q), tx.init(q), q)
+  assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(q)
+  penalty, _ = jax.jit(method.regularizer)(q, 2.0)
+  assert np.isfinite(float(penalty))
+  q = method.finalize(method.start_finetune(jax.jit(method.after_update)(q)))
+  precisions = budget.layer_precisions(q)
+  if method.quantizes:
+    assert int(precisions["conv0/kernel"]) == 8 and int(precisions["head/kernel"]) == 8
+  else:
+    assert not precisions
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_config_section_and_validation(name):
   cls = methods.resolve(name)
   c = _config(name)

@@ -97,7 +97,10 @@ class _CSQFamily(base.Method):
     return csq.init_from_float(kernel, bits, options["logit_init"], cls.mask_mode, options["off_logit"])
 
   def leaf_labels(self, leaf):
-    """The mask logits have their own optimizer (``optimizer_groups``)."""
+    """The mask logits have their own optimizer (``optimizer_groups``).
+    Layers that a rule fixes at a precision are STE leaves: base labels."""
+    if not isinstance(leaf, CSQWeight):
+      return super().leaf_labels(leaf)
     return CSQWeight("weights", "weights", "mask", "weights", leaf.mask_mode)
 
   def optimizer_groups(self, sgd):
