@@ -140,18 +140,23 @@ def main(argv=None) -> None:
     model_name, method = args.only.split(":")
     print(_TAG + json.dumps(measure(model_name, method, args)), flush=True)
     return
-  rows = [run_child(m, meth, args) for m in args.models for meth in args.methods]
   print("| model | method | devices | batch | image | step (ms) | images/s | vs FP | GFLOP/step | MFU | trainable params |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    if "error" in r:
-      print(f"| {r['model']} | {r['method']} | failed: {r['error'].splitlines()[-1] if r['error'] else '?'} |")
-      continue
-    fp = next((x for x in rows if x.get("model") == r["model"] and x.get("method") == "fp" and "error" not in x), None)
-    ratio = f"{r['images_per_s'] / fp['images_per_s']:.2f}x" if fp else "-"
-    gflop = f"{r['flops_per_step'] / 1e9:.1f}" if r.get("flops_per_step") else "-"
-    mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-    print(f"| {r['model']} | {r['method']} | {r['devices']} x {r['device']} | {r['batch']} | {r['image_size']} |"
+  print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+  rows = []
+  for m in args.models:  # each row as soon as it is measured: a run cut short keeps what it has
+    for meth in args.methods:
+      rows.append(r := run_child(m, meth, args))
+      print(format_row(r, rows), flush=True)
+
+
+def format_row(r: dict, rows: list[dict]) -> str:
+  if "error" in r:
+    return f"| {r['model']} | {r['method']} | failed: {r['error'].splitlines()[-1] if r['error'] else '?'} |"
+  fp = next((x for x in rows if x.get("model") == r["model"] and x.get("method") == "fp" and "error" not in x), None)
+  ratio = f"{r['images_per_s'] / fp['images_per_s']:.2f}x" if fp else "-"
+  gflop = f"{r['flops_per_step'] / 1e9:.1f}" if r.get("flops_per_step") else "-"
+  mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+  return (f"| {r['model']} | {r['method']} | {r['devices']} x {r['device']} | {r['batch']} | {r['image_size']} |"
           f" {1000 * r['step_s']:.0f} | {r['images_per_s']:.1f} | {ratio} | {gflop} | {mfu} |"
           f" {r['trainable_params']:,} |")
 

@@ -44,7 +44,10 @@ def common() -> ml_collections.ConfigDict:
   # parameter-weighted average precision of the counted layers.
   c.n_bits = 8
   c.target_bits = 2.0  # T; for the fixed-precision methods (ste, lsq, csq_uniform) the precision
-  c.budget_weighting = "params"  # params (paper) | layers (authors' code)
+  c.budget_weighting = "params"  # params (paper) | layers (authors' code) | macs (a BOPs budget)
+  # Bit-widths the target's kernels run (allowed_bits.PROFILES): any | int8 | int4_int8 | int2_int4_int8,
+  # or a tuple "(4, 8)". A search ends with every searched layer at one of them, within the budget.
+  c.allowed_bits = "any"
   c.budget_tolerance = 0.25  # BSQ/MSQ: how far below the target whole-bit steps may go
   c.beta0 = 1.0  # initial gate temperature (CSQ, CSQ-Uniform)
   c.beta_max = 200.0  # temperature reached at the end of each phase

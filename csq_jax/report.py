@@ -62,7 +62,7 @@ BOOKKEEPING_FIELDS = ("progress", "tensorboard", "keep_checkpoints", "eval_every
                       "check_finite_every_steps", "mesh", "distributed", "allow_resume_changes",
                       "checkpoint_fallback")
 # The budget: a method that keeps float weights ignores it.
-BUDGET_FIELDS = ("target_bits", "n_bits", "budget_weighting", "budget_tolerance")
+BUDGET_FIELDS = ("target_bits", "n_bits", "budget_weighting", "budget_tolerance", "allowed_bits")
 # Runs written before methods had config sections: their flat knobs, renamed
 # to the sections' fields, and the sections each built-in method read.
 LEGACY_FIELDS = {
@@ -288,6 +288,8 @@ def budget_text(summary: dict[str, Any]) -> str | None:
   if not b or "achieved_bits" not in b:
     return None
   bits = f"{b['achieved_bits']:.3f} / {b['target_bits']:g} bits"
+  if b.get("allowed_bits"):
+    bits += f", widths {'/'.join(map(str, b['allowed_bits']))}"
   if "achieved_gbops" in b:
     return f"{b['kind']}: {b['achieved_gbops']:.4g} / {b['target_gbops']:.4g} GBOPs ({bits})"
   if "achieved_bytes" in b:
@@ -389,7 +391,8 @@ def write_report(paths: Sequence[str], out: str | None = None,
     r["label"] = label if labels.count(label) == 1 else f"{label} ({r['name']})"
   rows = table_rows(runs, fields)
   columns = [*COLUMNS, *((f, f) for f in fields), ("pareto", "Pareto front")]
-  if any(r["summary"].get("budget", {}).get("kind", "params") != "params" for r in runs):
+  if any(r["summary"].get("budget", {}).get("kind", "params") != "params" or r["summary"].get("budget", {}).get(
+      "allowed_bits") for r in runs):
     columns.insert(len(COLUMNS), ("budget", "budget (achieved / target)"))
 
   written = []

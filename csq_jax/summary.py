@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from csq_jax import budget, figures, metric_writers, quantizers, transform
+from csq_jax import allowed_bits, budget, figures, metric_writers, quantizers, transform
 from csq_jax.report import atomic_write_text
 
 
@@ -60,10 +60,16 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
 def budget_summary(config, params, macs: dict[str, int]) -> dict[str, Any]:
   """The budget in its own terms: its kind (``budget_weighting``), the target
   and the achieved average precision under that weighting, and in its unit:
-  bytes of the counted weights (params), GBOPs per example (macs)."""
+  bytes of the counted weights (params), GBOPs per example (macs); with
+  ``allowed_bits``, the widths allowed and whether every counted layer has one."""
   out = {"kind": config.budget_weighting, "target_bits": float(config.target_bits)}
+  allowed = allowed_bits.parse(config.get("allowed_bits", "any"))
+  if allowed:
+    out["allowed_bits"] = list(allowed)
   if not transform.quantized_leaves(params):
     return out
+  if allowed:
+    out["all_layers_allowed"] = all(int(b) in allowed for b in budget.layer_precisions(params).values())
   out["achieved_bits"] = float(budget.average_bits(params, config.budget_weighting, macs))
   sizes = budget.layer_sizes(params)
   if config.budget_weighting == "params":

@@ -224,6 +224,8 @@ def run_plan(config, workdir: str, ds: data.Dataset | None = None, first_epoch: 
     budget_text = "float weights (no quantization)"
   elif method.searches:
     budget_text = f"mixed precision searched for an average of {config.target_bits:g} bits ({config.n_bits} bit planes)"
+    if method.allowed:
+      budget_text += f", each layer then at one of {'/'.join(map(str, method.allowed))} bits"
   else:
     budget_text = f"every quantized layer at {method.leaf_bits} bits"
   phases = phase_epochs(config, method)
@@ -408,7 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
 
   state = sharding.replicate(state, mesh)  # host code below reads whole arrays (fsdp)
-  state = state.replace(params=method.finalize(state.params))
+  # allowed_bits: a no-op after a finetune (start_finetune fitted), the fit itself without one
+  state = state.replace(params=method.finalize(method.fit_allowed(state.params)))
   accuracy_before, _ = evaluate(eval_hard, state, ds, config.eval_batch_size)
   state = recalibrate_batch_norm(model, state, ds, config, mesh)
   accuracy, loss = evaluate(eval_hard, state, ds, config.eval_batch_size)

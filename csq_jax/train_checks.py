@@ -12,7 +12,7 @@ import re
 import jax
 import ml_collections
 
-from csq_jax import budget, methods, models, report, sharding, transform
+from csq_jax import allowed_bits, budget, methods, models, report, sharding, transform
 from csq_jax.methods.base import at_least, fraction, int_at_least, number
 from csq_jax.quantizers import activations
 from csq_jax.train_state import COMPUTE_DTYPES, OPTIMIZERS
@@ -105,6 +105,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     methods.get(config).quantize_spec()
   except (ValueError, TypeError, re.error) as e:
     raise ConfigError(str(e)) from e
+  _check_allowed_bits(config, method)
+
+
+def _check_allowed_bits(config, method) -> None:
+  """``allowed_bits`` parses, fits ``n_bits``, admits the target and every
+  ``fixed`` rule's width."""
+  try:
+    allowed = allowed_bits.parse(config.get("allowed_bits", "any"))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if not allowed or not method.quantizes:
+    return
+  if allowed[-1] > config.n_bits:
+    raise ConfigError(f"allowed_bits {allowed} has widths above n_bits={config.n_bits}; raise n_bits or drop them.")
+  if method.searches and config.target_bits < allowed[0]:
+    raise ConfigError(f"target_bits={config.target_bits:g} is below the smallest allowed width {allowed[0]}"
+                      f" (allowed_bits {allowed}): no layer can go that low; raise the target or allow fewer bits.")
+  if not method.searches and int(round(config.target_bits)) not in allowed:
+    raise ConfigError(f"{config.method} trains every layer at target_bits={config.target_bits:g}, which"
+                      f" allowed_bits {allowed} does not allow; set target_bits to one of {allowed}.")
+  fixed = [(r.pattern, 8 if r.bits is None else r.bits) for r in transform.rules_from_config(config.rules)
+           if r.action == "fixed" and (8 if r.bits is None else r.bits) not in allowed]
+  if fixed:
+    raise ConfigError(f"rules fix {fixed} at widths that allowed_bits {allowed} does not allow; fix them at one of"
+                      f" {allowed}.")
 
 
 def check_rules_quantize(config, rules_report: transform.TransformReport) -> None:

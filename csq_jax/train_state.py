@@ -150,8 +150,9 @@ def start_round(state: TrainState, phase: Phase, method, rewind: dict) -> TrainS
 
 def start_finetune(state: TrainState, phase: Phase, method) -> TrainState:
   """Alg. 1's second phase: the method fixes its scheme (CSQ freezes the bit
-  selection), fresh optimizer, beta rewound (step 0)."""
-  params = method.start_finetune(state.params)
+  selection), each searched layer moves to an allowed width (``allowed_bits``),
+  fresh optimizer, beta rewound (step 0)."""
+  params = method.fit_allowed(method.start_finetune(state.params))
   return TrainState(jnp.zeros((), jnp.int32), params, state.batch_stats, phase.tx.init(params))
 
 

@@ -197,6 +197,13 @@ def map_quantized(fn: Callable[[Any], Any], qparams: Any) -> Any:
   return jax.tree_util.tree_map(lambda x: fn(x) if is_leaf(x) else x, qparams, is_leaf=is_leaf)
 
 
+def map_quantized_with_path(fn: Callable[[str, Any], Any], qparams: Any) -> Any:
+  """``fn(path, leaf)`` on every quantized leaf (``path`` as in
+  ``quantized_leaves``); float leaves pass through."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x) if is_leaf(x) else x, qparams,
+                                          is_leaf=is_leaf)
+
+
 def materialize(qparams: Any, beta, hard: bool = False) -> Any:
   """Float parameter tree for ``model.apply``: every quantized leaf materialized."""
   return map_quantized(lambda q: quantizers.materialize(q, beta, hard), qparams)

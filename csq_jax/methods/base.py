@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from csq_jax import budget, quantizers, transform
+from csq_jax import allowed_bits, budget, quantizers, transform
 
 # (field, check(value, config), what is expected): range checks of config fields.
 FieldCheck = tuple[str, Callable[[Any, Any], bool], str]
@@ -116,15 +116,12 @@ def map_with_path(params, leaf_type, structure, fn):
   """``fn(path, leaf)`` on every quantized leaf of ``leaf_type`` (and, when
   ``structure`` is given, recorded in it)."""
 
-  def visit(path, x):
-    if not isinstance(x, leaf_type):
-      return x
-    name = transform.path_str(path)
-    if structure is not None and name not in structure:
+  def visit(name, x):
+    if not isinstance(x, leaf_type) or (structure is not None and name not in structure):
       return x
     return fn(name, x)
 
-  return jax.tree_util.tree_map_with_path(visit, params, is_leaf=transform.is_leaf)
+  return transform.map_quantized_with_path(visit, params)
 
 
 def trainable_params(params: Any) -> int:
@@ -221,6 +218,7 @@ class Method:
     self.target = float(config.target_bits)
     self.weighting = config.budget_weighting
     self.macs: dict[str, int] | None = None  # per-layer MACs, set by the loop for budget_weighting="macs"
+    self.allowed = allowed_bits.parse(config.get("allowed_bits", "any"))
     self.opts = self.options(config)
 
   @property
@@ -302,6 +300,13 @@ class Method:
 
   def start_finetune(self, params):
     return params
+
+  def fit_allowed(self, params):
+    """Every searched layer moved to an allowed width within the budget
+    (``allowed_bits.fit``), when the search ends; host side."""
+    if not self.searches or not self.allowed:
+      return params
+    return allowed_bits.fit(params, self.allowed, self.target, self.budget_weights(params))
 
   def finalize(self, params):
     return params

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from csq_jax import budget, transform
+from csq_jax import allowed_bits, budget, transform
 from csq_jax.methods import base
 from csq_jax.quantizers import csq
 from csq_jax.quantizers.csq import CSQWeight
@@ -135,6 +135,14 @@ class CSQ(_CSQFamily):
     super().__init__(config)
     self.strength = float(self.opts["reg_strength"])
     self.min_bits = int(self.opts["min_layer_bits"])
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    allowed = allowed_bits.parse(config.get("allowed_bits", "any"))
+    if allowed and config.csq.min_layer_bits > allowed[0]:
+      raise ValueError(f"csq.min_layer_bits={config.csq.min_layer_bits} would raise a layer above its allowed width"
+                       f" {allowed[0]} at the end (allowed_bits {allowed}); set it to at most {allowed[0]}.")
 
   def search_rounds(self):
     return int(self.opts["rounds"])

@@ -16,7 +16,11 @@ may define:
   the layer's grid (default: ``0..precision-1``; CSQ: its selected planes);
 * ``mask_regularizer(leaf, beta)``: Eq. (6)'s soft bit count (default 0);
 * ``static_precision(leaf)``: its bits as a Python int, where the structure
-  fixes them (STE, BSQ, MSQ, LSQ; not CSQ, whose masks are data).
+  fixes them (STE, BSQ, MSQ, LSQ; not CSQ, whose masks are data);
+* ``with_precision(leaf, bits)``: the layer moved to ``bits`` by the
+  method's own means (host side), for leaves whose precision a search sets
+  (CSQ, BSQ, MSQ); ``allowed_bits`` uses it. Leaves without it (STE, LSQ)
+  keep their precision.
 
 The built-in modules are imported below; a user's own quantizer registers
 when its module is imported (``docs/adding_a_method.md``).
@@ -79,6 +83,21 @@ def static_precision(leaf) -> int | None:
   return None if fn is None else int(fn(leaf))
 
 
+def can_set_precision(leaf) -> bool:
+  """Whether the leaf's module defines ``with_precision`` (its precision is
+  the search's to set)."""
+  return callable(getattr(_module(leaf), "with_precision", None))
+
+
+def with_precision(leaf, bits: int):
+  """The layer at ``bits`` bits by its method's means (see each module's
+  ``with_precision``); host side, on concrete arrays."""
+  fn = getattr(_module(leaf), "with_precision", None)
+  if fn is None:
+    raise TypeError(f"The precision of a {type(leaf).__name__} layer is fixed.")
+  return fn(leaf, int(bits))
+
+
 def bit_fields(leaf) -> tuple[str, ...]:
   """Names of the leaf's fields whose axis 0 is a bit axis."""
   return tuple(getattr(_module(leaf), "BIT_FIELDS", ()))
@@ -116,6 +135,6 @@ from csq_jax.quantizers.ste import STEWeight  # noqa: E402
 __all__ = [
     "BSQFinetuneWeight", "BSQWeight", "CSQWeight", "MSQWeight", "STEWeight",
     "bsq", "csq", "msq", "ste",
-    "bit_fields", "grid_places", "integer_weights", "is_quantized", "mask_regularizer", "materialize",
-    "num_weights", "precision", "register", "static_precision", "step_size",
+    "bit_fields", "can_set_precision", "grid_places", "integer_weights", "is_quantized", "mask_regularizer", "materialize",
+    "num_weights", "precision", "register", "static_precision", "step_size", "with_precision",
 ]

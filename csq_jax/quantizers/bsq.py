@@ -379,6 +379,36 @@ def requantize(w: BSQWeight, threshold: float = 0.0) -> BSQWeight:
   return BSQWeight(jnp.asarray(pos), jnp.asarray(neg), jnp.asarray(s_new, jnp.float32))
 
 
+def with_precision(w, bits: int):
+  """The layer at ``bits`` bits, each weight kept as close as that grid allows.
+
+  Finetune leaf: the same latent on the ``bits``-bit grid (the precision is
+  static, ``materialize`` rounds ``latent (2^bits - 1)``). Planes (a search
+  that ends without a finetune): ``q`` moves by ``k = |bits - n|`` place
+  values, ``|q'| = min(round(|q| / 2^k), 2^bits - 1)`` down (round half up)
+  or ``|q'| = |q| 2^k`` up, and the scale follows as in ``requantize``,
+  ``s' = s 2^(n - bits) (2^bits - 1) / (2^n - 1)``, so an unchanged
+  magnitude keeps its value. Host side (numpy) for planes.
+  """
+  if bits < 1:
+    raise ValueError(f"A BSQ layer needs at least 1 bit, got {bits}.")
+  if isinstance(w, BSQFinetuneWeight):
+    return w.replace(bits=bits)
+  n = w.n_bits
+  if bits == n:
+    return w
+  q = np.asarray(integer_weights(w), np.int64)
+  mag = np.abs(q)
+  if bits < n:
+    k = n - bits
+    mag = np.minimum((mag + (1 << (k - 1))) >> k, 2**bits - 1)
+  else:
+    mag = mag << (bits - n)
+  pos, neg = _binary_planes(np.sign(q) * mag, bits)
+  s_new = float(np.asarray(w.scale, np.float64)) * 2.0 ** (n - bits) * _levels(bits) / _levels(n)
+  return BSQWeight(jnp.asarray(pos), jnp.asarray(neg), jnp.asarray(s_new, jnp.float32))
+
+
 def to_finetune(w: BSQWeight) -> BSQFinetuneWeight:
   """The finetune leaf of a (re-quantized) layer (the authors' ``to_finetune``):
   ``latent = q / (2^n - 1)`` with ``q = integer_weights(w)``, the scale kept,

@@ -278,6 +278,30 @@ def with_min_bits(w: CSQWeight, min_bits: int) -> CSQWeight:
   return w.replace(mask_logits=jnp.where(precision(w) < k, raised, w.mask_logits))
 
 
+def with_precision(w: CSQWeight, bits: int) -> CSQWeight:
+  """The layer with exactly ``bits`` selected planes: the ``bits`` planes of
+  largest mask logit, the others switched off. A selected logit is raised to
+  at least 0, an unselected one lowered to below 0 (``-1e-3`` at most), so
+  the hard selection ``I(m_B >= 0)`` (Eq. 4) is exactly that set. Used to
+  move a searched layer to an allowed precision (``allowed_bits``).
+
+  Raises:
+    ValueError: ``bits`` outside ``1..n_bits``, or a CSQ-Uniform layer (no
+      mask) asked for other than its ``n_bits``.
+  """
+  if not 1 <= bits <= w.n_bits:
+    raise ValueError(f"A CSQ layer of {w.n_bits} planes cannot select {bits}.")
+  if w.mask_mode == "none":
+    if bits != w.n_bits:
+      raise ValueError(f"A CSQ-Uniform layer keeps all {w.n_bits} planes; it cannot be set to {bits} bits.")
+    return w
+  logits = np.asarray(jax.device_get(w.mask_logits), np.float32)
+  keep = np.zeros(logits.shape, bool)
+  keep[np.argsort(-logits, kind="stable")[:bits]] = True
+  chosen = np.where(keep, np.maximum(logits, 0.0), np.minimum(logits, -1e-3))
+  return w.replace(mask_logits=jnp.asarray(chosen, jnp.float32))
+
+
 def with_mask_mode(w: CSQWeight, mask_mode: MaskMode) -> CSQWeight:
   """The same parameters under another bit-selection mode (e.g. Alg. 1's finetune)."""
   _check_mode(mask_mode)

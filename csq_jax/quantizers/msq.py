@@ -315,6 +315,19 @@ def with_lsb_k(w: MSQWeight, k: int) -> MSQWeight:
   return w.replace(lsb_k=max(1, min(int(k), w.bits - 1)))
 
 
+def with_precision(w: MSQWeight, bits: int) -> MSQWeight:
+  """The layer at ``bits``: fewer bits are ``prune``'s LSB drop; more are the
+  same float latent rounded on the finer grid (``RoundClamp_bits``), which
+  MSQ can do since it never splits the weight into bits. At most
+  ``max_bits`` (the precision it started at) when known."""
+  _check_bits(bits)
+  if w.max_bits is not None and bits > w.max_bits:
+    raise ValueError(f"An MSQ layer that started at {w.max_bits} bits cannot be set to {bits}.")
+  if bits <= w.bits:
+    return prune(w, w.bits - bits)
+  return w.replace(bits=bits)
+
+
 def regularizer(w: MSQWeight) -> jax.Array:
   """The layer's penalty ``R_l`` on its ``lsb_k`` LSBs; 0 for a 1-bit layer."""
   if w.bits <= 1:
