@@ -3,20 +3,25 @@ bit-widths a target's kernels run (``config.allowed_bits``).
 
 A searching method (CSQ, BSQ, MSQ) finds any precision from 1 to ``n_bits``
 per layer. Integer kernels exist for a few widths only (int8; int4 and int8
-on recent NPUs and GPUs), so a deployment engineer asks for a profile:
+on recent NPUs and GPUs), so a deployment engineer asks for a profile. This
+project's ``n`` bits are ``n`` magnitude bits and a sign (integers in
+``[-(2^n - 1), 2^n - 1]``, Eq. 1's grid), so a two's-complement int4 kernel
+(``[-8, 7]``) holds precisions up to 3 and an int8 one up to 7: the profiles
+name the hardware types and allow the precisions that fit them, which the
+ONNX export then stores as INT4 and INT8 (``onnx_export.integer_type``).
 
-=================  ============  ==========================================
-``allowed_bits``   bit-widths    for
-=================  ============  ==========================================
-``"any"``          1..n_bits     the paper's setting (no constraint)
-``"int8"``         8             int8-only accelerators
-``"int4_int8"``    4, 8          int4/int8 kernels (e.g. ONNX INT4 + INT8)
-``"int2_int4_int8"``  2, 4, 8    bit-serial or LUT kernels
-=================  ============  ==========================================
+====================  ===========  =========================================
+``allowed_bits``      precisions   for
+====================  ===========  =========================================
+``"any"``             1..n_bits    the paper's setting (no constraint)
+``"int8"``            7            int8-only accelerators
+``"int4_int8"``       3, 7         int4/int8 kernels (ONNX INT4 + INT8)
+``"int2_int4_int8"``  1, 3, 7      int2 (``[-2, 1]`` holds ``+-1``) too
+====================  ===========  =========================================
 
-or a tuple such as ``"(4, 8)"``. Layers that must stay at one width (the
-first and the last at 8 bits) are transform rules, ``(pattern, "fixed", 8)``;
-their width must be allowed too.
+or a tuple of precisions such as ``"(4, 8)"``. Layers that must stay at one
+width (the first and the last at 8 bits) are transform rules,
+``(pattern, "fixed", bits)``; their width must be allowed too.
 
 When the search ends (Alg. 1's freeze, before the finetune; or at the end of
 a run without one) each searched layer is moved to an allowed width by
@@ -37,13 +42,13 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import logging
 import numpy as np
 
-from csq_jax import quantizers, transform
+from csq_jax import budget, quantizers, transform
 
-PROFILES: dict[str, tuple[int, ...]] = {
+PROFILES: dict[str, tuple[int, ...]] = {  # precisions (magnitude bits) that fit the named integer types
     "any": (),
-    "int8": (8,),
-    "int4_int8": (4, 8),
-    "int2_int4_int8": (2, 4, 8),
+    "int8": (7,),
+    "int4_int8": (3, 7),
+    "int2_int4_int8": (1, 3, 7),
 }
 
 
@@ -72,14 +77,16 @@ def parse(value: Any) -> tuple[int, ...]:
 
 
 def assign(wanted: Mapping[str, int], allowed: Sequence[int], cost: Callable[[str, int], float],
-           budget: float, resolution: int = 20_000) -> dict[str, int]:
+           budget: float, value: Callable[[str, int], float] | None = None,
+           resolution: int = 20_000) -> dict[str, int]:
   """An allowed width per layer, the summed ``cost`` at most ``budget``.
 
   A knapsack solved exactly by dynamic programming over the budget cut into
   ``resolution`` units (each layer's cost rounded up to whole units, so the
-  result is always within the budget): the assignment that spends the most
-  of the budget (more bits where they fit), and among those the one nearest
-  the searched precisions (least ``sum |width - wanted|``).
+  result is always within the budget): the assignment of the largest summed
+  ``value`` (default: the cost itself, i.e. the most of the budget spent on
+  bits), and among those the one nearest the searched precisions (least
+  ``sum |width - wanted|``).
 
   Args:
     wanted: each layer's searched precision.
@@ -87,6 +94,8 @@ def assign(wanted: Mapping[str, int], allowed: Sequence[int], cost: Callable[[st
     cost: ``cost(layer, bits) > 0``, the layer's share of the budget at
       ``bits`` (for an average-precision budget, ``weight * bits``).
     budget: the ceiling on the summed cost.
+    value: what more bits are worth (a cost table's budget: its slopes times
+      the bits, since a measured cost need not grow with the bits).
 
   Returns:
     ``{layer: width}``.
@@ -94,31 +103,44 @@ def assign(wanted: Mapping[str, int], allowed: Sequence[int], cost: Callable[[st
   Raises:
     ImpossibleBudgetError: no assignment is within ``budget``.
   """
+  value = value or cost
   levels = sorted(allowed)
   names = list(wanted)
-  smallest = sum(cost(p, levels[0]) for p in names)
+  smallest = sum(min(cost(p, b) for b in levels) for p in names)
   if budget <= 0 or smallest > budget * (1 + 1e-9):
     raise ImpossibleBudgetError(
-        f"every searched layer at {levels[0]} bits (the smallest allowed width) costs {smallest:.6g}, over the"
-        f" budget of {budget:.6g}: raise target_bits or allow a smaller width.")
+        f"every searched layer at its cheapest allowed width ({levels}) costs {smallest:.6g}, over the budget"
+        f" of {budget:.6g}: raise target_bits or allow a smaller width.")
   unit = budget / resolution
-  units = np.array([[int(np.ceil(cost(p, b) / unit - 1e-6)) for b in levels] for p in names])
-  # best[c]: the least distance to `wanted` of the layers so far spending exactly c units.
-  best = np.full(resolution + 1, np.inf)
+  units = np.array([[max(int(np.ceil(cost(p, b) / unit - 1e-6)), 0) for b in levels] for p in names])
+  worth = np.array([[value(p, b) for b in levels] for p in names], np.float64)
+  tie = 1e-9 * max(float(np.abs(worth).sum()), 1.0)
+  # At each spend c (units) of the layers so far: the best value, and its distance to `wanted`.
+  best = np.full(resolution + 1, -np.inf)
+  dist = np.zeros(resolution + 1)
   best[0] = 0.0
   picks = np.zeros((len(names), resolution + 1), np.int8)
   for i, p in enumerate(names):
-    new = np.full_like(best, np.inf)
+    new_best, new_dist = np.full_like(best, -np.inf), np.zeros_like(dist)
     for j, b in enumerate(levels):
       c = units[i, j]
       if c > resolution:
         continue
-      cand = np.full_like(best, np.inf)
-      cand[c:] = best[:resolution + 1 - c] + abs(b - wanted[p])
-      better = cand < new
-      new[better], picks[i, better] = cand[better], j
-    best = new
-  spent = int(np.nonzero(np.isfinite(best))[0].max())
+      cand_best = np.full_like(best, -np.inf)
+      cand_dist = np.zeros_like(dist)
+      cand_best[c:] = best[:resolution + 1 - c] + worth[i, j]
+      cand_dist[c:] = dist[:resolution + 1 - c] + abs(b - wanted[p])
+      better = (cand_best > new_best + tie) | ((cand_best >= new_best - tie) & (cand_dist < new_dist))
+      better &= np.isfinite(cand_best)
+      new_best[better], new_dist[better], picks[i, better] = cand_best[better], cand_dist[better], j
+    best, dist = new_best, new_dist
+  reachable = np.nonzero(np.isfinite(best))[0]
+  if not reachable.size:  # within the budget only before rounding each cost up to a unit
+    raise ImpossibleBudgetError(f"the cheapest allowed widths ({levels}) fill the budget of {budget:.6g} to"
+                                " within rounding: raise target_bits a little.")
+  top = best[reachable].max()
+  near = reachable[best[reachable] >= top - tie]
+  spent = int(near[np.argmin(dist[near])])
   width = {}
   for i in reversed(range(len(names))):
     j = picks[i, spent]
@@ -127,9 +149,12 @@ def assign(wanted: Mapping[str, int], allowed: Sequence[int], cost: Callable[[st
   return {p: width[p] for p in names}
 
 
-def fit(params: Any, allowed: Sequence[int], target_bits: float, weights: Mapping[str, float]) -> Any:
-  """``params`` with every searched layer at an allowed width, the
-  ``weights``-weighted average precision at most ``target_bits``.
+def fit(params: Any, allowed: Sequence[int], target_bits: float, weights: Mapping[str, float],
+        table: budget.CostTable | None = None) -> Any:
+  """``params`` with every searched layer at an allowed width within the
+  budget: the ``weights``-weighted average precision at most
+  ``target_bits`` or, with a cost ``table``, the table's cost at most that of
+  every layer at ``target_bits``.
 
   Layers whose precision is not the search's (``fixed`` rules: STE leaves)
   keep theirs and count as they are. Host side, on concrete arrays.
@@ -139,9 +164,16 @@ def fit(params: Any, allowed: Sequence[int], target_bits: float, weights: Mappin
   if not allowed or not searched:
     return params
   bits = {p: int(quantizers.precision(leaf)) for p, leaf in leaves.items()}
-  fixed_cost = sum(weights[p] * bits[p] for p in leaves if p not in searched)
-  budget = target_bits * sum(weights[p] for p in leaves) - fixed_cost
-  width = assign({p: bits[p] for p in searched}, allowed, lambda p, b: weights[p] * b, budget)
+  fixed = [p for p in leaves if p not in searched]
+  linear = lambda p, b: weights[p] * b  # noqa: E731
+  if table is None:
+    cost, value = linear, None
+    ceiling = target_bits * sum(weights[p] for p in leaves)
+  else:
+    cost, value = table.cost, linear
+    ceiling = sum(table.cost(p, target_bits) for p in leaves)
+  width = assign({p: bits[p] for p in searched}, allowed, cost, ceiling - sum(cost(p, bits[p]) for p in fixed),
+                 value)
   moved = {p: (bits[p], b) for p, b in width.items() if b != bits[p]}
   if moved:
     logging.info("allowed_bits %s: layers moved (searched -> allowed bits): %s", tuple(allowed), moved)

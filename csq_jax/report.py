@@ -292,6 +292,8 @@ def budget_text(summary: dict[str, Any]) -> str | None:
     bits += f", widths {'/'.join(map(str, b['allowed_bits']))}"
   if "achieved_gbops" in b:
     return f"{b['kind']}: {b['achieved_gbops']:.4g} / {b['target_gbops']:.4g} GBOPs ({bits})"
+  if "achieved_cost" in b:
+    return f"{b['kind']}: {b['achieved_cost']:.4g} / {b['target_cost']:.4g} {b['unit']} ({bits})"
   if "achieved_bytes" in b:
     return f"{b['kind']}: {b['achieved_bytes']:.0f} / {b['target_bytes']:.0f} bytes ({bits})"
   return f"{b['kind']}: {bits}"

@@ -44,7 +44,7 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
       "model_size_bits": float(budget.model_size_bits(params)),
       "counted_params": int(sum(sizes.values())),
       "bops": budget.bops(params, macs, min(act_bits, 32)),
-      "budget": budget_summary(config, params, macs),
+      "budget": budget_summary(config, params, macs, method.table),
       "test_accuracy": float(accuracy),
       "test_loss": float(loss),
       "fp_accuracy": float(fp) if fp is not None and fp >= 0 else None,
@@ -57,12 +57,15 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
   }
 
 
-def budget_summary(config, params, macs: dict[str, int]) -> dict[str, Any]:
-  """The budget in its own terms: its kind (``budget_weighting``), the target
-  and the achieved average precision under that weighting, and in its unit:
-  bytes of the counted weights (params), GBOPs per example (macs); with
+def budget_summary(config, params, macs: dict[str, int], table: budget.CostTable | None = None) -> dict[str, Any]:
+  """The budget in its own terms: its kind (``budget_weighting``; ``table``
+  for a cost table), the target and the achieved average precision under
+  that weighting, and in its unit: bytes of the counted weights (params),
+  GBOPs per example (macs), the table's unit (a cost table: the model's cost
+  at its precisions against every layer at the target); with
   ``allowed_bits``, the widths allowed and whether every counted layer has one."""
-  out = {"kind": config.budget_weighting, "target_bits": float(config.target_bits)}
+  kind = "table" if budget.is_table(config.budget_weighting) else config.budget_weighting
+  out = {"kind": kind, "target_bits": float(config.target_bits)}
   allowed = allowed_bits.parse(config.get("allowed_bits", "any"))
   if allowed:
     out["allowed_bits"] = list(allowed)
@@ -70,16 +73,19 @@ def budget_summary(config, params, macs: dict[str, int]) -> dict[str, Any]:
     return out
   if allowed:
     out["all_layers_allowed"] = all(int(b) in allowed for b in budget.layer_precisions(params).values())
-  out["achieved_bits"] = float(budget.average_bits(params, config.budget_weighting, macs))
+  out["achieved_bits"] = float(budget.average_bits(params, config.budget_weighting, macs, table))
   sizes = budget.layer_sizes(params)
-  if config.budget_weighting == "params":
+  if kind == "params":
     out.update(target_bytes=config.target_bits * sum(sizes.values()) / 8,
                achieved_bytes=float(budget.model_size_bits(params)) / 8)
-  elif config.budget_weighting == "macs":
+  elif kind == "macs":
     a_bits = min(int(config.act_bits), 32)
     total = sum(macs[k] for k in sizes)
     out.update(target_gbops=config.target_bits * total * a_bits / 1e9,
                achieved_gbops=budget.bops(params, macs, a_bits) / 1e9)
+  elif kind == "table":
+    out.update(table=table.path, unit=table.unit, target_cost=budget.table_cost(params, table, config.target_bits),
+               achieved_cost=budget.table_cost(params, table))
   return out
 
 

@@ -261,8 +261,9 @@ def epoch_line(epoch: int, total: int, metrics: dict[str, Any], config) -> str:
     parts.append(f"avg bits {m['avg_bits']:.3f}")
     if method.searches:
       weighted = m.get("budget_bits", m["avg_bits"])
-      parts[-1] += (f" (target {config.target_bits:g})" if config.budget_weighting == "params" else
-                    f", {config.budget_weighting}-weighted {weighted:.3f} (target {config.target_bits:g})")
+      kind = "cost-table" if budget.is_table(config.budget_weighting) else config.budget_weighting
+      parts[-1] += (f" (target {config.target_bits:g})" if kind == "params" else
+                    f", {kind}-weighted {weighted:.3f} (target {config.target_bits:g})")
     parts.append(f"compression {m['compression']:.2f}x" if "compression" in m
                  else "every bit pruned for now (the search regrows them)")
     if method.uses_temperature:
@@ -299,6 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.budget_weighting == "macs":  # the budget's per-layer costs: MACs per example
     variables = {"params": transform.materialize(state.params, 1.0, hard=True), "batch_stats": state.batch_stats}
     method.macs = budget.layer_macs(model, variables, jnp.zeros((1,) + tuple(ds.image_shape)), train=False)
+  if budget.is_table(config.budget_weighting):  # the budget's per-layer costs: a measured table
+    method.table = budget.load_cost_table(config.budget_weighting)
+    method.budget_weights(state.params)  # a counted layer missing from the table: its error now
   state = sharding.place(state, sharding.state_sharding(mesh, state))  # also the template a restore fills
   identity = {**checkpoint.run_identity(config), "config": checkpoint.config_fields(config)}
 
@@ -396,7 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       metrics.update(
           phase=phase.name, beta=float(phase.beta(state.step)),
           avg_bits=float(budget.average_bits(state.params, "params")),
-          budget_bits=float(budget.average_bits(state.params, config.budget_weighting, method.macs)),
+          budget_bits=float(budget.average_bits(state.params, config.budget_weighting, method.macs, method.table)),
           model_size_bits=size_bits,
           epoch_time_s=epoch_time,
       )

@@ -75,8 +75,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     method.validate(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.budget_weighting not in budget.WEIGHTINGS:
-    raise ConfigError(f"Unknown budget_weighting {config.budget_weighting!r}; expected one of {budget.WEIGHTINGS}.")
+  try:
+    budget.check_weighting(config.budget_weighting)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.act_bits != 32 and config.act_quantizer not in activations.ACTIVATIONS:
     raise ConfigError(f"Unknown act_quantizer {config.act_quantizer!r}; expected one of {activations.ACTIVATIONS}.")
   if config.num_epochs < 1 or config.finetune_epochs < 0:

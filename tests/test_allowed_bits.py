@@ -17,9 +17,10 @@ from csq_jax.quantizers import bsq, csq, msq, ste
 
 def test_profiles_and_tuples_parse_and_bad_text_is_refused():
   assert allowed_bits.parse("any") == ()
-  assert allowed_bits.parse("int8") == (8,)
-  assert allowed_bits.parse("int4_int8") == allowed_bits.parse("(8, 4)") == allowed_bits.parse("4,8") == (4, 8)
-  assert allowed_bits.parse((2, 4, 8)) == allowed_bits.parse("int2_int4_int8") == (2, 4, 8)
+  assert allowed_bits.parse("int8") == (7,)  # n magnitude bits and a sign: [-127, 127] fits int8
+  assert allowed_bits.parse("int4_int8") == allowed_bits.parse("(7, 3)") == allowed_bits.parse("3,7") == (3, 7)
+  assert allowed_bits.parse((1, 3, 7)) == allowed_bits.parse("int2_int4_int8") == (1, 3, 7)
+  assert allowed_bits.parse("(4, 8)") == (4, 8)
   for bad in ("int3", "(4, 0)", "(4.5,)", "four"):
     with pytest.raises(ValueError, match="allowed_bits"):
       allowed_bits.parse(bad)
@@ -173,7 +174,7 @@ def _config(**kw):
     (dict(allowed_bits="(4, 8)", target_bits=3.0), "below the smallest allowed width"),
     (dict(allowed_bits="(4, 8)", n_bits=6, target_bits=5.0), "above n_bits"),
     (dict(allowed_bits="int8", method="ste", target_bits=4.0), "does not allow"),
-    (dict(allowed_bits="int4_int8", target_bits=5.0, rules=(("conv0/kernel", "fixed", 6), (".*kernel", "quantize"))),
+    (dict(allowed_bits="(4, 8)", target_bits=5.0, rules=(("conv0/kernel", "fixed", 6), (".*kernel", "quantize"))),
      "rules fix"),
 ])
 def test_config_checks(kw, message):
@@ -194,7 +195,7 @@ def test_a_short_default_job_ends_on_allowed_widths(tmp_path, method):
   """The mechanism end to end (a short schedule; the full default job's
   figures are in the README): every counted layer at 4 or 8 bits, the
   layer-weighted average at most the target of 5, summary.json saying so."""
-  c = _config(method=method, allowed_bits="int4_int8", target_bits=5.0, budget_weighting="layers",
+  c = _config(method=method, allowed_bits="(4, 8)", target_bits=5.0, budget_weighting="layers",
               num_epochs=6, finetune_epochs=2, progress=False, tensorboard=False)
   if method == "msq":
     c.msq.hessian = False
@@ -203,3 +204,18 @@ def test_a_short_default_job_ends_on_allowed_widths(tmp_path, method):
   assert set(bits) <= {4, 8}, bits
   assert s["budget"]["all_layers_allowed"] and s["budget"]["allowed_bits"] == [4, 8]
   assert s["budget"]["achieved_bits"] <= 5.0 + 1e-6 and s["exactly_quantized"]
+
+
+@pytest.mark.slow
+def test_the_int4_int8_profile_exports_int4_and_int8_onnx_weights_only(tmp_path):
+  """``int4_int8`` allows precisions 3 and 7 (a sign and 3 or 7 magnitude
+  bits fill [-8, 7] and [-128, 127]): after a short CSQ search at a target
+  of 4, every layer of the ONNX export is an INT4 or INT8 initializer."""
+  from csq_jax import onnx_export
+
+  c = _config(method="csq", allowed_bits="int4_int8", target_bits=4.0, budget_weighting="layers",
+              num_epochs=6, finetune_epochs=2, progress=False, tensorboard=False)
+  s = train.train_and_evaluate(c, str(tmp_path))
+  assert {layer["bits"] for layer in s["layers"]} <= {3, 7} and s["budget"]["all_layers_allowed"]
+  info = onnx_export.export_workdir(str(tmp_path))
+  assert set(info["layer_types"]) <= {"INT4", "INT8"} and sum(info["layer_types"].values()) == len(s["layers"])

@@ -218,6 +218,7 @@ class Method:
     self.target = float(config.target_bits)
     self.weighting = config.budget_weighting
     self.macs: dict[str, int] | None = None  # per-layer MACs, set by the loop for budget_weighting="macs"
+    self.table: budget.CostTable | None = None  # set by the loop for budget_weighting="table:PATH"
     self.allowed = allowed_bits.parse(config.get("allowed_bits", "any"))
     self.opts = self.options(config)
 
@@ -270,14 +271,14 @@ class Method:
 
   def budget_weights(self, params) -> dict[str, float]:
     """Each counted layer's weight in the budget (``budget.layer_weights``)."""
-    return budget.layer_weights(params, self.weighting, self.macs)
+    return budget.layer_weights(params, self.weighting, self.macs, self.table)
 
   def delta_s(self, params) -> jax.Array:
     """Average precision (in the budget's weighting) minus the target, no
     gradient (0 without counted layers)."""
     if not transform.quantized_leaves(params):
       return jnp.zeros((), jnp.float32)
-    return jax.lax.stop_gradient(budget.average_bits(params, self.weighting, self.macs) - self.target)
+    return jax.lax.stop_gradient(budget.average_bits(params, self.weighting, self.macs, self.table) - self.target)
 
   def regularizer(self, params, beta) -> tuple[jax.Array, jax.Array]:
     """``(penalty, delta_s)`` added to the loss in the search phase (traced)."""
@@ -306,7 +307,7 @@ class Method:
     (``allowed_bits.fit``), when the search ends; host side."""
     if not self.searches or not self.allowed:
       return params
-    return allowed_bits.fit(params, self.allowed, self.target, self.budget_weights(params))
+    return allowed_bits.fit(params, self.allowed, self.target, self.budget_weights(params), self.table)
 
   def finalize(self, params):
     return params

@@ -151,7 +151,8 @@ class CSQ(_CSQFamily):
     return int(self.opts["rewind_epoch"]) if self.search_rounds() > 1 else None
 
   def regularizer(self, params, beta):
-    return budget.budget_penalty(params, beta, self.target, self.strength, self.weighting, self.macs)
+    return budget.budget_penalty(params, beta, self.target, self.strength, self.weighting, self.macs,
+                                 self.table)
 
   def _with_min_bits(self, params):
     return base.map_type(lambda q: csq.with_min_bits(q, self.min_bits), CSQWeight, params)
