@@ -30,8 +30,9 @@ the one that spends the most of it, and among those the one nearest the
 searched precisions. The budget is a ceiling: the result is never above the
 target. The finetune then trains at those widths.
 The move itself is each method's (``quantizers.with_precision``): CSQ keeps
-the planes of largest mask logit, BSQ shifts its integers by the dropped or
-added place values, MSQ re-rounds its float latent.
+the window of consecutive planes of largest mask logit (an integer kernel
+needs consecutive planes), BSQ shifts its integers by the dropped or added
+place values, MSQ re-rounds its float latent.
 """
 
 from __future__ import annotations
@@ -177,5 +178,6 @@ def fit(params: Any, allowed: Sequence[int], target_bits: float, weights: Mappin
   moved = {p: (bits[p], b) for p, b in width.items() if b != bits[p]}
   if moved:
     logging.info("allowed_bits %s: layers moved (searched -> allowed bits): %s", tuple(allowed), moved)
+  # Every searched layer, moved or not: CSQ's planes must also become consecutive (quantizers/csq.py).
   return transform.map_quantized_with_path(
-      lambda p, leaf: quantizers.with_precision(leaf, width[p]) if p in moved else leaf, params)
+      lambda p, leaf: quantizers.with_precision(leaf, width[p]) if p in searched else leaf, params)

@@ -84,7 +84,9 @@ class CostTable:
 
   def slope(self, layer: str) -> float:
     """Least-squares cost per bit over the listed widths (at least 1e-3 of
-    the table's largest slope, so that no layer's bits are free)."""
+    the table's largest slope, so that no layer's bits are free). A table
+    whose slopes sum to 0 or less (the model as a whole no dearer at more
+    bits) is refused."""
     self._points(layer)  # a layer missing from the table: its error
     return self.slopes[layer]
 
@@ -93,8 +95,10 @@ class CostTable:
     raw = {k: float(np.polyfit(*self._points(k), 1)[0]) for k in self.layers}
     top = max(raw.values())
     scale = max(abs(c) for widths in self.layers.values() for c in widths.values())
-    if top <= 1e-9 * scale:  # flat within float error
-      raise CostTableError(f"No layer of the cost table {self.path} costs more at more bits: such a budget cannot"
+    if sum(raw.values()) <= 1e-9 * scale:  # flat within float error, or cheaper at more bits
+      falling = sorted(k for k, v in raw.items() if v <= 0)
+      raise CostTableError(f"The model does not cost more at more bits by the cost table {self.path} ({len(falling)}"
+                           f" of {len(raw)} layers cost the same or less, e.g. {falling[:2]}): such a budget cannot"
                            " choose precisions (use budget_weighting=params or macs).")
     return {k: max(v, 1e-3 * top) for k, v in raw.items()}
 

@@ -49,6 +49,7 @@ def test_costs_interpolate_between_widths_and_slopes_are_least_squares(tmp_path)
     ({"a": {"4": "fast"}}, "is not"),
     ({"a": {"4": 1.0}}, "at least two widths"),
     ({"a": {"4": 2.0, "8": 1.0}, "b": {"4": 1.0, "8": 1.0}}, "cannot choose precisions"),
+    ({"a": {"4": 2.0, "8": 1.0}, "b": {"4": 1.0, "8": 1.5}}, "1 of 2 layers cost the same or less"),
 ])
 def test_a_table_that_cannot_steer_is_refused_with_the_reason(tmp_path, layers, message):
   path = str(tmp_path / "missing.json") if layers is None else _write(tmp_path, layers)

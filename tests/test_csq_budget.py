@@ -31,8 +31,8 @@ def _check(summary, target: float):
   assert summary["exactly_quantized"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("target", [1.0, 2.0])
+@pytest.mark.parametrize("target", [pytest.param(1.0, marks=pytest.mark.extended),
+                                    pytest.param(2.0, marks=pytest.mark.slow)])
 def test_budget_met_on_the_shortened_default_job(tmp_path, target):
   s = train.train_and_evaluate(_short_default(target), str(tmp_path))
   _check(s, target)

@@ -154,6 +154,29 @@ def test_hooks_keep_the_tree_and_run_under_jit(name, float_params):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_a_searching_method_moves_its_layers_to_any_width(name, float_params):
+  """``allowed_bits`` needs ``quantizers.with_precision`` of every searched
+  leaf: the moved layer has that precision, its hard weights stay on its
+  integer grid and near the layer they came from."""
+  _, method, q, _ = _quantized(name, float_params)
+  if not method.searches:
+    return
+  for leaf in transform.quantized_leaves(q).values():
+    assert quantizers.can_set_precision(leaf)
+    for bits in (1, 3, 7):
+      moved = quantizers.with_precision(leaf, bits)
+      assert int(quantizers.precision(moved)) == bits
+      hard = np.asarray(quantizers.materialize(moved, 1.0, hard=True))
+      ints = np.asarray(quantizers.integer_weights(moved))
+      np.testing.assert_allclose(hard, ints * float(quantizers.step_size(moved)), rtol=1e-6, atol=1e-7)
+      places = quantizers.grid_places(moved)  # CSQ: the selected planes, not always 0..bits-1
+      assert len(places) == bits and np.all(np.abs(ints) <= sum(2**p for p in places))
+      if bits >= 3:
+        original = np.asarray(quantizers.materialize(leaf, 1.0, hard=True))
+        assert np.corrcoef(hard.ravel(), original.ravel())[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_a_layer_that_a_rule_fixes_at_8_bits_goes_through_every_hook(name, float_params):
   """ImageNet configs fix the first and last layers at 8 bits: those leaves
   are STE weights inside any method's tree (``transform``'s ``"fixed"``

@@ -279,11 +279,17 @@ def with_min_bits(w: CSQWeight, min_bits: int) -> CSQWeight:
 
 
 def with_precision(w: CSQWeight, bits: int) -> CSQWeight:
-  """The layer with exactly ``bits`` selected planes: the ``bits`` planes of
-  largest mask logit, the others switched off. A selected logit is raised to
-  at least 0, an unselected one lowered to below 0 (``-1e-3`` at most), so
-  the hard selection ``I(m_B >= 0)`` (Eq. 4) is exactly that set. Used to
-  move a searched layer to an allowed precision (``allowed_bits``).
+  """The layer with exactly ``bits`` selected planes, and consecutive ones:
+  the window ``p .. p + bits - 1`` of largest summed mask logit (among equal
+  sums the higher window, whose planes carry the magnitude), every other
+  plane switched off. Consecutive planes make the integers ``2^p`` times
+  integers in ``[-(2^bits - 1), 2^bits - 1]``, which an integer kernel of
+  that width runs (the ONNX export moves ``2^p`` into the scale); a search's
+  own selection can have gaps (planes {0, 1, 2, 7}: integers up to 135).
+  A selected logit is raised to at least 0, an unselected one lowered below
+  0 (``-1e-3`` at most), so the hard selection ``I(m_B >= 0)`` (Eq. 4) is
+  exactly the window. Used to move a searched layer to an allowed precision
+  (``allowed_bits``), also one already at an allowed count of planes.
 
   Raises:
     ValueError: ``bits`` outside ``1..n_bits``, or a CSQ-Uniform layer (no
@@ -295,9 +301,10 @@ def with_precision(w: CSQWeight, bits: int) -> CSQWeight:
     if bits != w.n_bits:
       raise ValueError(f"A CSQ-Uniform layer keeps all {w.n_bits} planes; it cannot be set to {bits} bits.")
     return w
-  logits = np.asarray(jax.device_get(w.mask_logits), np.float32)
-  keep = np.zeros(logits.shape, bool)
-  keep[np.argsort(-logits, kind="stable")[:bits]] = True
+  logits = np.asarray(jax.device_get(w.mask_logits), np.float64)
+  sums = np.convolve(logits, np.ones(bits), mode="valid")  # sums[p]: planes p .. p + bits - 1
+  start = len(sums) - 1 - int(np.argmax(sums[::-1]))  # the highest of the best windows
+  keep = (np.arange(w.n_bits) >= start) & (np.arange(w.n_bits) < start + bits)
   chosen = np.where(keep, np.maximum(logits, 0.0), np.minimum(logits, -1e-3))
   return w.replace(mask_logits=jnp.asarray(chosen, jnp.float32))
 
