@@ -38,12 +38,12 @@ def _brute_force(wanted, allowed, weights, budget_):
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_assign_is_the_fullest_feasible_assignment_by_brute_force(seed):
+def test_assign_is_the_nearest_nearly_fullest_assignment_by_brute_force(seed):
   """Random layers (sizes, searched bits, targets, profiles), against every
   assignment enumerated: within the budget whenever one exists (else the
-  error), on allowed widths, spending the most that any feasible assignment
-  spends (to the knapsack's resolution), and among those as near the searched
-  bits as the nearest."""
+  error), on allowed widths, spending within ``SPEND_BAND`` of the most any
+  feasible assignment spends (to the knapsack's resolution), and as near the
+  searched bits as the nearest assignment in that band."""
   rng = np.random.default_rng(seed)
   n = int(rng.integers(2, 7))
   allowed = [(4, 8), (2, 4, 8), (8,), (2, 3, 4)][seed % 4]
@@ -61,10 +61,11 @@ def test_assign_is_the_fullest_feasible_assignment_by_brute_force(seed):
   spent = sum(cost(p, b) for p, b in got.items())
   assert set(got.values()) <= set(allowed) and spent <= budget_ + 1e-6
   most = max(s for s, _ in feasible)
-  assert spent >= most - n * budget_ / 20_000
-  if spent == most:
-    nearest = min(sum(abs(a[p] - wanted[p]) for p in a) for s, a in feasible if s == most)
-    assert sum(abs(got[p] - wanted[p]) for p in got) == nearest
+  slack = n * budget_ / 20_000  # the knapsack's rounding of each cost up to a unit
+  assert spent >= (1 - allowed_bits.SPEND_BAND) * most - slack
+  dist = lambda a: sum(abs(a[p] - wanted[p]) for p in a)  # noqa: E731
+  in_band = [a for s, a in feasible if s >= (1 - allowed_bits.SPEND_BAND) * (most - slack) + slack]
+  assert dist(got) <= min(dist(a) for a in in_band)
 
 
 def test_assign_on_the_default_jobs_layers():
@@ -195,15 +196,14 @@ def test_csq_min_layer_bits_above_the_smallest_width_is_refused():
     train.validate_config(c)
 
 
-@pytest.mark.parametrize("method", [pytest.param("csq", marks=pytest.mark.slow),
-                                    pytest.param("bsq", marks=pytest.mark.extended),
-                                    pytest.param("msq", marks=pytest.mark.extended)])
+@pytest.mark.extended
+@pytest.mark.parametrize("method", ["csq", "bsq", "msq"])
 def test_a_short_default_job_ends_on_allowed_widths(tmp_path, method):
   """The mechanism end to end (a short schedule; the full default job's
   figures are in the README): every counted layer at 4 or 8 bits, the
   layer-weighted average at most the target of 5, summary.json saying so.
-  CI runs CSQ; BSQ's and MSQ's moves are checked in the contract tests and
-  by the README's full runs (``-m extended`` runs them here)."""
+  CI runs CSQ with the int4_int8 profile below; BSQ's and MSQ's moves are
+  checked in the contract tests and by the README's full runs."""
   c = _config(method=method, allowed_bits="(4, 8)", target_bits=5.0, budget_weighting="layers",
               num_epochs=6, finetune_epochs=2, progress=False, tensorboard=False)
   if method == "msq":
@@ -218,13 +218,17 @@ def test_a_short_default_job_ends_on_allowed_widths(tmp_path, method):
 @pytest.mark.slow
 def test_the_int4_int8_profile_exports_int4_and_int8_onnx_weights_only(tmp_path):
   """``int4_int8`` allows precisions 3 and 7 (a sign and 3 or 7 magnitude
-  bits fill [-8, 7] and [-128, 127]): after a short CSQ search at a target
-  of 4, every layer of the ONNX export is an INT4 or INT8 initializer."""
+  bits fit [-8, 7] and [-128, 127]): after a short CSQ search at a target
+  of 4, every layer is at 3 or 7 bits, the layer-weighted average at most 4,
+  and every layer of the ONNX export an INT4 or INT8 initializer (CSQ's
+  planes made consecutive)."""
   from csq_jax import onnx_export
 
   c = _config(method="csq", allowed_bits="int4_int8", target_bits=4.0, budget_weighting="layers",
               num_epochs=6, finetune_epochs=2, progress=False, tensorboard=False)
   s = train.train_and_evaluate(c, str(tmp_path))
   assert {layer["bits"] for layer in s["layers"]} <= {3, 7} and s["budget"]["all_layers_allowed"]
+  assert s["budget"]["allowed_bits"] == [3, 7] and s["budget"]["achieved_bits"] <= 4.0 + 1e-6
+  assert s["exactly_quantized"]
   info = onnx_export.export_workdir(str(tmp_path))
   assert set(info["layer_types"]) <= {"INT4", "INT8"} and sum(info["layer_types"].values()) == len(s["layers"])

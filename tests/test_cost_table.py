@@ -160,3 +160,23 @@ def test_csq_meets_a_cost_table_budget_on_a_short_default_job(tmp_path):
   assert b["kind"] == "table" and b["unit"] == "ms" and os.path.samefile(b["table"], path)
   assert abs(b["achieved_bits"] - 3.0) <= 0.05, s["layers"]
   assert abs(b["achieved_cost"] - b["target_cost"]) <= 0.02 * b["target_cost"], b
+
+
+def test_the_roofline_example_writes_a_table_that_steers(tmp_path):
+  """``examples/roofline_costs.py``: each layer's cost is the roofline's
+  ``launch + N b / 8 / bandwidth + MACs b a / rate`` (numpy from the
+  model's sizes and MACs), affine in the bits, so its slopes are exact."""
+  sys.path.insert(0, os.path.join(ROOT, "examples"))
+  import roofline_costs
+
+  c = load_config("default")
+  raw = roofline_costs.roofline_table(c, launch_ms=0.005, bandwidth=1e6, bit_ops_per_ms=1e9)
+  path = _write(tmp_path, raw["layers"])
+  table = budget.load_cost_table(path)
+  assert set(table.layers) == set(LAYERS)
+  model = train.create_model(c, 10, (8, 8, 1))
+  variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
+  macs = budget.layer_macs(model, variables, np.zeros((1, 8, 8, 1), np.float32), train=False)
+  n = int(np.prod(variables["params"]["conv1"]["kernel"].shape))
+  assert table.cost("conv1/kernel", 3) == pytest.approx(0.005 + n * 3 / 8 / 1e6 + macs["conv1/kernel"] * 3 * 32 / 1e9)
+  assert table.slope("conv1/kernel") == pytest.approx(n / 8 / 1e6 + macs["conv1/kernel"] * 32 / 1e9)
