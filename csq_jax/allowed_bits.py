@@ -30,7 +30,7 @@ that spend within 1% of the most it allows, the one nearest the searched
 precisions. The budget is a ceiling: the result is never above the
 target. The finetune then trains at those widths.
 The move itself is each method's (``quantizers.with_precision``): CSQ keeps
-the window of consecutive planes of largest mask logit (an integer kernel
+the window of consecutive planes of largest summed mask logit (an integer kernel
 needs consecutive planes), BSQ shifts its integers by the dropped or added
 place values, MSQ re-rounds its float latent.
 """
@@ -83,9 +83,9 @@ def parse(value: Any) -> tuple[int, ...]:
 
 
 def assign(wanted: Mapping[str, int], allowed: Sequence[int], cost: Callable[[str, int], float],
-           budget: float, value: Callable[[str, int], float] | None = None,
+           ceiling: float, value: Callable[[str, int], float] | None = None,
            resolution: int = 20_000) -> dict[str, int]:
-  """An allowed width per layer, the summed ``cost`` at most ``budget``.
+  """An allowed width per layer, the summed ``cost`` at most ``ceiling``.
 
   A knapsack solved exactly by dynamic programming over the budget cut into
   ``resolution`` units (each layer's cost rounded up to whole units, so the
@@ -103,7 +103,7 @@ def assign(wanted: Mapping[str, int], allowed: Sequence[int], cost: Callable[[st
     allowed: the allowed widths.
     cost: ``cost(layer, bits) > 0``, the layer's share of the budget at
       ``bits`` (for an average-precision budget, ``weight * bits``).
-    budget: the ceiling on the summed cost.
+    ceiling: the budget, a ceiling on the summed cost.
     value: what more bits are worth (a cost table's budget: its slopes times
       the bits, since a measured cost need not grow with the bits).
 
@@ -111,17 +111,17 @@ def assign(wanted: Mapping[str, int], allowed: Sequence[int], cost: Callable[[st
     ``{layer: width}``.
 
   Raises:
-    ImpossibleBudgetError: no assignment is within ``budget``.
+    ImpossibleBudgetError: no assignment is within ``ceiling``.
   """
   value = value or cost
   levels = sorted(allowed)
   names = list(wanted)
   smallest = sum(min(cost(p, b) for b in levels) for p in names)
-  if budget <= 0 or smallest > budget * (1 + 1e-9):
+  if ceiling <= 0 or smallest > ceiling * (1 + 1e-9):
     raise ImpossibleBudgetError(
         f"every searched layer at its cheapest allowed width ({levels}) costs {smallest:.6g}, over the budget"
-        f" of {budget:.6g}: raise target_bits or allow a smaller width.")
-  unit = budget / resolution
+        f" of {ceiling:.6g}: raise target_bits or allow a smaller width.")
+  unit = ceiling / resolution
   units = np.array([[max(int(np.ceil(cost(p, b) / unit - 1e-6)), 0) for b in levels] for p in names])
   worth = np.array([[value(p, b) for b in levels] for p in names], np.float64)
   tie = 1e-9 * max(float(np.abs(worth).sum()), 1.0)
@@ -146,7 +146,7 @@ def assign(wanted: Mapping[str, int], allowed: Sequence[int], cost: Callable[[st
     best, dist = new_best, new_dist
   reachable = np.nonzero(np.isfinite(best))[0]
   if not reachable.size:  # within the budget only before rounding each cost up to a unit
-    raise ImpossibleBudgetError(f"the cheapest allowed widths ({levels}) fill the budget of {budget:.6g} to"
+    raise ImpossibleBudgetError(f"the cheapest allowed widths ({levels}) fill the budget of {ceiling:.6g} to"
                                 " within rounding: raise target_bits a little.")
   top = best[reachable].max()
   near = reachable[best[reachable] >= top - max(tie, SPEND_BAND * abs(top))]

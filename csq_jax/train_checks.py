@@ -123,12 +123,12 @@ def _check_allowed_bits(config, method) -> None:
     raise ConfigError(f"allowed_bits {allowed} has widths above n_bits={config.n_bits}; raise n_bits or drop them.")
   if method.searches and config.target_bits < allowed[0]:
     raise ConfigError(f"target_bits={config.target_bits:g} is below the smallest allowed width {allowed[0]}"
-                      f" (allowed_bits {allowed}): no layer can go that low; raise the target or allow fewer bits.")
+                      f" (allowed_bits {allowed}): no layer can go that low; raise the target or allow a smaller width.")
   if not method.searches and int(round(config.target_bits)) not in allowed:
     raise ConfigError(f"{config.method} trains every layer at target_bits={config.target_bits:g}, which"
                       f" allowed_bits {allowed} does not allow; set target_bits to one of {allowed}.")
-  fixed = [(r.pattern, 8 if r.bits is None else r.bits) for r in transform.rules_from_config(config.rules)
-           if r.action == "fixed" and (8 if r.bits is None else r.bits) not in allowed]
+  fixed = [(r.pattern, r.fixed_bits) for r in transform.rules_from_config(config.rules)
+           if r.action == "fixed" and r.fixed_bits not in allowed]
   if fixed:
     raise ConfigError(f"rules fix {fixed} at widths that allowed_bits {allowed} does not allow; fix them at one of"
                       f" {allowed}.")

@@ -45,6 +45,11 @@ class Rule:
   action: Action = "quantize"
   bits: int | None = None
 
+  @property
+  def fixed_bits(self) -> int:
+    """A ``fixed`` rule's precision (8 unless it names one)."""
+    return 8 if self.bits is None else self.bits
+
   def __post_init__(self):
     if self.action not in ACTIONS:
       raise ValueError(f"Rule {self.pattern!r}: unknown action {self.action!r}; expected one of {ACTIONS}.")
@@ -182,8 +187,7 @@ def _apply_rule(leaf, rule: Rule, spec: QuantizeSpec, key, name: str):
         " kernels (rank >= 2) can be quantized. Narrow the rule, e.g. to '.*/kernel'."
     )
   if rule.action == "fixed":  # uniform STE at the rule's bits, whatever the method
-    bits = 8 if rule.bits is None else rule.bits
-    return registry.resolve("ste").init_leaf(leaf, bits, None, {}), ("fixed", bits)
+    return registry.resolve("ste").init_leaf(leaf, rule.fixed_bits, None, {}), ("fixed", rule.fixed_bits)
   bits = spec.n_bits if rule.bits is None else rule.bits
   return cls.init_leaf(leaf, bits, key, spec.options), ("quantize", bits)
 
