@@ -164,39 +164,45 @@ def profile(config, bits: tuple[int, ...], batch: int = 1, threads: int = 1, war
   return table
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config (its model, rules and data shape).",
-                                          lock_config=True)
-_OUT = flags.DEFINE_string("out", "costs.json", "Where to write the cost table (JSON).")
-_BITS = flags.DEFINE_string("bits", None, "Precisions to time, e.g. '3,7' or a profile name (default: the"
-                            " config's allowed_bits, else 1..n_bits).")
-_BATCH = flags.DEFINE_integer("batch", 1, "Examples per call.")
-_THREADS = flags.DEFINE_integer("threads", 1, "ONNX Runtime intra-op threads.")
-_WARMUP = flags.DEFINE_integer("warmup", 10, "Untimed calls per layer and precision.")
-_REPEATS = flags.DEFINE_integer("repeats", 100, "Timed calls per layer and precision.")
-_SESSION = flags.DEFINE_enum("session", "default", ["default", "exact"],
-                             "ONNX Runtime's own optimizations (default) or dequantize-at-load (exact).")
+def _define_flags():
+  """The CLI's flags, defined only when run as a script (other modules that
+  define ``--config``, as ``csq_jax.sweep``, may be imported beside this one)."""
+  return dict(
+      config=config_flags.DEFINE_config_file("config", None, "The run's config (its model, rules and data shape).",
+                                             lock_config=True),
+      out=flags.DEFINE_string("out", "costs.json", "Where to write the cost table (JSON)."),
+      bits=flags.DEFINE_string("bits", None, "Precisions to time, e.g. '3,7' or a profile name (default: the"
+                               " config's allowed_bits, else 1..n_bits)."),
+      batch=flags.DEFINE_integer("batch", 1, "Examples per call."),
+      threads=flags.DEFINE_integer("threads", 1, "ONNX Runtime intra-op threads."),
+      warmup=flags.DEFINE_integer("warmup", 10, "Untimed calls per layer and precision."),
+      repeats=flags.DEFINE_integer("repeats", 100, "Timed calls per layer and precision."),
+      session=flags.DEFINE_enum("session", "default", ["default", "exact"],
+                                "ONNX Runtime's own optimizations (default) or dequantize-at-load (exact)."),
+  )
 
 
-def main(argv) -> None:
+def main(argv, f) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  config = f["config"].value
   try:
     train.validate_config(config)
-    bits = allowed_bits.parse(_BITS.value) if _BITS.value else allowed_bits.parse(config.allowed_bits)
+    bits = allowed_bits.parse(f["bits"].value) if f["bits"].value else allowed_bits.parse(config.allowed_bits)
     bits = bits or tuple(range(1, config.n_bits + 1))
-    table = profile(config, bits, _BATCH.value, _THREADS.value, _WARMUP.value, _REPEATS.value,
-                    _SESSION.value == "exact", echo=print)
+    table = profile(config, bits, f["batch"].value, f["threads"].value, f["warmup"].value, f["repeats"].value,
+                    f["session"].value == "exact", echo=print)
   except (ValueError, export.ExportError) as e:
     sys.exit(f"csq_jax: error: {e}")
   except ImportError:
     sys.exit("csq_jax: error: profiling runs ONNX Runtime: pip install -e '.[onnx]'.")
-  with open(_OUT.value, "w") as f:
-    json.dump(table, f, indent=1)
-  print(json.dumps({"out": _OUT.value, "layers": len(table["layers"]), "bits": list(bits)}))
+  with open(f["out"].value, "w") as out:
+    json.dump(table, out, indent=1)
+  print(json.dumps({"out": f["out"].value, "layers": len(table["layers"]), "bits": list(bits)}))
 
 
 if __name__ == "__main__":
-  cli.run(main, __doc__, ["csq_jax.profile", "__main__"])
+  _flags = _define_flags()
+  cli.run(lambda argv: main(argv, _flags), __doc__, ["csq_jax.profile", "__main__"])

@@ -180,3 +180,13 @@ def test_the_roofline_example_writes_a_table_that_steers(tmp_path):
   n = int(np.prod(variables["params"]["conv1"]["kernel"].shape))
   assert table.cost("conv1/kernel", 3) == pytest.approx(0.005 + n * 3 / 8 / 1e6 + macs["conv1/kernel"] * 3 * 32 / 1e9)
   assert table.slope("conv1/kernel") == pytest.approx(n / 8 / 1e6 + macs["conv1/kernel"] * 32 / 1e9)
+
+
+def test_profile_imports_beside_other_command_modules():
+  """``csq_jax.profile`` defines its flags only when run as a script: CI
+  once failed to collect this file because it and ``csq_jax.sweep`` both
+  defined ``--config`` at import in one pytest worker."""
+  import importlib
+
+  for name in ("csq_jax.sweep", "csq_jax.compare", "csq_jax.profile"):
+    importlib.import_module(name)
