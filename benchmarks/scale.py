@@ -149,7 +149,8 @@ def main(argv=None) -> None:
     model_name, method = args.only.split(":")
     print(_TAG + json.dumps(measure(model_name, method, args)), flush=True)
     return
-  print("| model | method | devices | batch | image | step (ms) | images/s | vs FP | model GFLOP/step | XLA GFLOP/step | MFU | trainable params |")
+  print("| model | method | devices | batch | image | step (ms) | images/s | vs FP | model GFLOP/step |"
+        " XLA GFLOP/step | MFU | trainable params |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
   rows = []
   for m in args.models:  # each row as soon as it is measured: a run cut short keeps what it has

@@ -90,9 +90,8 @@ def layer_graph(name: str, geometry: dict[str, Any], q: np.ndarray | None, batch
   Dense) -> the layer with kernel ``step * q`` (integers + DequantizeLinear,
   or float32 with ``quantized=False``) -> ``y``."""
   onnx = onnx_export._onnx()
-  key = f"params/{name.rsplit('/kernel', 1)[0]}/kernel"
+  key, scope = f"params/{name}", name.removesuffix("/kernel")  # name: a counted kernel's path
   g = onnx_export.Graph({}, {key: q}, {key: np.float32(0.01)}, quantized)
-  scope = key[len("params/"):-len("/kernel")]
   shape = geometry["input_shape"]
   if geometry["kind"] == "conv":
     if geometry["groups"] != 1:

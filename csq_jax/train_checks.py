@@ -123,7 +123,8 @@ def _check_allowed_bits(config, method) -> None:
     raise ConfigError(f"allowed_bits {allowed} has widths above n_bits={config.n_bits}; raise n_bits or drop them.")
   if method.searches and config.target_bits < allowed[0]:
     raise ConfigError(f"target_bits={config.target_bits:g} is below the smallest allowed width {allowed[0]}"
-                      f" (allowed_bits {allowed}): no layer can go that low; raise the target or allow a smaller width.")
+                      f" (allowed_bits {allowed}): no layer can go that low; raise the target or allow a smaller"
+                      " width.")
   if not method.searches and int(round(config.target_bits)) not in allowed:
     raise ConfigError(f"{config.method} trains every layer at target_bits={config.target_bits:g}, which"
                       f" allowed_bits {allowed} does not allow; set target_bits to one of {allowed}.")
