@@ -59,8 +59,8 @@ METHOD_ORDER = registry.names()  # the registry's order: baselines first
 # when a checkpoint is resumed (checkpoint.py).
 BOOKKEEPING_FIELDS = ("progress", "tensorboard", "keep_checkpoints", "eval_every", "eval_soft", "fp_accuracy",
                       "data_dir", "data_workers", "prefetch_batches", "eval_batch_size", "checkpoint_every_steps",
-                      "check_finite_every_steps", "mesh", "distributed", "allow_resume_changes",
-                      "checkpoint_fallback")
+                      "checkpoint_every_epochs", "check_finite_every_steps", "mesh", "distributed",
+                      "allow_resume_changes", "checkpoint_fallback")
 # The budget: a method that keeps float weights ignores it.
 BUDGET_FIELDS = ("target_bits", "n_bits", "budget_weighting", "budget_tolerance", "allowed_bits")
 # Runs written before methods had config sections: their flat knobs, renamed

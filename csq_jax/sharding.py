@@ -163,9 +163,12 @@ def constrain_weights(weights: Any, params: Any, mesh: Mesh, min_size: int = FSD
 
 def _put(x, s: jax.sharding.Sharding):
   if isinstance(x, jax.Array):
-    if x.sharding == s or x.sharding.is_equivalent_to(s, x.ndim):
+    if x.sharding == s:
       return x
-    if not x.is_fully_addressable or jax.process_count() == 1:
+    # An equivalent sharding is put too (no copy): a jitted step compiled for
+    # arrays typed with the mesh would compile again for the same values on a
+    # single-device sharding (the first step of every run did).
+    if x.sharding.is_equivalent_to(s, x.ndim) or not x.is_fully_addressable or jax.process_count() == 1:
       return jax.device_put(x, s)
   value = np.asarray(x)
   return jax.make_array_from_callback(value.shape, s, lambda index: value[index])

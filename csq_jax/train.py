@@ -333,6 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_every = max(int(config.get("check_finite_every_steps", 100)), 1)
   rewind_epoch = method.rewind_epoch()  # multi-round search: the weights later rounds rewind to
   save_every = int(config.get("checkpoint_every_steps", 0))
+  save_every_epochs = int(config.get("checkpoint_every_epochs", 1))
   epoch_times = []
   with PreemptionGuard() as guard:
     for epoch in range(first_epoch, total_epochs):
@@ -409,8 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(epoch + 1, metrics)
       if chief:
         _echo(epoch_line(epoch + 1, total_epochs, metrics, config))
-      save((epoch + 1) * spe)
-      saved = (epoch + 1) * spe
+      if (epoch + 1) % save_every_epochs == 0 or pe + 1 == phase.epochs:
+        save((epoch + 1) * spe)
+        saved = (epoch + 1) * spe
   writer.close()
 
   state = sharding.replicate(state, mesh)  # host code below reads whole arrays (fsdp)

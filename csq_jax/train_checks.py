@@ -49,6 +49,7 @@ FIELD_RANGES = (
     ("eval_every", int_at_least(1), "an integer >= 1 (epochs)"),
     ("keep_checkpoints", int_at_least(1), "an integer >= 1"),
     ("checkpoint_every_steps", int_at_least(0), "an integer >= 0 (0: at epoch ends only)"),
+    ("checkpoint_every_epochs", int_at_least(1), "an integer >= 1"),
     ("check_finite_every_steps", int_at_least(1), "an integer >= 1"),
     ("fp_accuracy", lambda x, c: number(x) and (x == -1 or 0 <= x <= 1), "-1 (unknown) or a fraction in [0, 1]"),
     ("allow_resume_changes", lambda x, c: isinstance(x, str), "comma-separated config fields"),

@@ -20,6 +20,7 @@ def _short_default(target: float):
   c.tensorboard = False
   c.num_epochs = 60
   c.finetune_epochs = 6
+  c.checkpoint_every_epochs = 100  # the phases' ends only: the result is checked here, not the resume
   c.target_bits = target
   return c
 

@@ -65,6 +65,17 @@ def test_periodic_checkpoints_are_numbered_by_global_step(tiny_config, tmp_path)
   assert steps == sorted(set(range(5, spe, 5)) | {spe})
 
 
+def test_checkpoint_every_epochs_saves_every_nth_epoch_and_each_phase_end(tiny_config, tmp_path):
+  """``checkpoint_every_epochs=4`` on 3 search + 3 finetune epochs: saves
+  after epochs 3 (the search's last), 4 and 6 (the run's last), not 1, 2, 5."""
+  tiny_config.num_epochs, tiny_config.finetune_epochs = 3, 3
+  tiny_config.keep_checkpoints = 10
+  tiny_config.checkpoint_every_epochs = 4
+  spe = _steps_per_epoch(tiny_config)
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert checkpoint.manager(str(tmp_path)).all_steps() == [3 * spe, 4 * spe, 6 * spe]
+
+
 def _cli(workdir, *overrides):
   return [sys.executable, "-m", "csq_jax.main", f"--config={ROOT}/configs/default.py", f"--workdir={workdir}",
           "--config.finetune_epochs=0", "--config.progress=False", "--config.tensorboard=False",
