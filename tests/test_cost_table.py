@@ -154,7 +154,7 @@ def test_csq_meets_a_cost_table_budget_on_a_short_default_job(tmp_path):
   path, _ = _affine_table(tmp_path)
   c = load_config("default")
   c.update(dict(budget_weighting=f"table:{path}", target_bits=3.0, num_epochs=60, finetune_epochs=6,
-                checkpoint_every_epochs=100, progress=False, tensorboard=False))
+                checkpoint_every_epochs=100, eval_every=100, eval_soft=False, progress=False, tensorboard=False))
   s = train.train_and_evaluate(c, str(tmp_path / "run"))
   b = s["budget"]
   assert b["kind"] == "table" and b["unit"] == "ms" and os.path.samefile(b["table"], path)

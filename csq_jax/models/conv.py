@@ -28,8 +28,7 @@ were slower or no better; ``benchmarks/vs_pytorch.py`` times the result.
 Where the fast path does not apply XLA's convolution is used unchanged: any
 backend other than CPU (GPU/TPU keep their own kernels), inputs dilation,
 ``batch_group_count != 1``, ``preferred_element_type``, layouts other than
-NHWC/HWIO, non-2-D convolutions, batches under ``_PIECES`` examples, and (in
-``auto`` mode) inputs of fewer than ``_MIN_FEATURES`` values per example.
+NHWC/HWIO, non-2-D convolutions, and batches under ``_PIECES`` examples.
 
 Knob: the environment variable ``CSQ_JAX_CONV`` is read at trace time (so it
 takes effect for functions traced after it is set): ``auto`` (default) uses
@@ -61,12 +60,6 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 # Chunks of the batch in the materialized copies: more than XLA:CPU's limit of
 # 8 operands for a fusible concatenation.
 _PIECES = 9
-# Smallest input (H x W x C per example) that ``auto`` sends to the custom
-# backward pass: below it (the default job's 8x8 maps) the pass gains nothing
-# measurable (small_cnn CSQ step 15.8 ms either way) and its slices and
-# concatenations add a second (4.3 s against 3.3 s) to every compilation.
-# ResNet-20's smallest maps, 8x8x64, are at it.
-_MIN_FEATURES = 4096
 
 
 def conv_mode() -> str:
@@ -138,15 +131,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   Same arguments and result as ``lax.conv_general_dilated``. For a 2-D
   NHWC/HWIO convolution (strides, SAME/VALID/explicit padding, kernel
   dilation, feature groups, any float dtype) of at least ``_PIECES``
-  examples, on a CPU backend for inputs of at least ``_MIN_FEATURES`` values
-  per example (``CSQ_JAX_CONV=auto``) or anywhere and at any size
+  examples, on a CPU backend (``CSQ_JAX_CONV=auto``) or anywhere
   (``CSQ_JAX_CONV=custom``), the custom-VJP convolution ``_conv``; otherwise
   XLA's convolution unchanged.
   """
   mode = conv_mode()
   fast = (
-      mode == "custom"
-      or (mode == "auto" and jax.default_backend() == "cpu" and np.prod(lhs.shape[1:]) >= _MIN_FEATURES)
+      mode == "custom" or (mode == "auto" and jax.default_backend() == "cpu")
   ) and (
       _is_nhwc(lhs, rhs, dimension_numbers)
       and all(d == 1 for d in (lhs_dilation or (1, 1)))
