@@ -165,7 +165,7 @@ def _put(x, s: jax.sharding.Sharding):
   if isinstance(x, jax.Array):
     if x.sharding == s:
       return x
-    # An equivalent sharding is put too (no copy): a jitted step compiled for
+    # An equivalent sharding is put too: a jitted step compiled for
     # arrays typed with the mesh would compile again for the same values on a
     # single-device sharding (the first step of every run did).
     if x.sharding.is_equivalent_to(s, x.ndim) or not x.is_fully_addressable or jax.process_count() == 1:

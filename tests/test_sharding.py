@@ -141,6 +141,30 @@ def test_place_and_shard_batch_on_one_device():
   np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(8))
 
 
+def test_the_train_step_compiles_once_from_the_placed_init_state(tiny_config, caplog):
+  """The init state placed as ``train_and_evaluate`` places it and the
+  step's own outputs have the same types: three steps, one compilation (the
+  init state once stayed on a single-device sharding, equivalent to the
+  mesh's but typed differently, and the second step compiled again)."""
+  import logging
+
+  from csq_jax import data, methods
+
+  ds = data.load_dataset(tiny_config)
+  phases = train.make_phases(tiny_config, data.steps_per_epoch(ds, tiny_config.batch_size))
+  model = train.create_model(tiny_config, ds.num_classes, ds.image_shape)
+  state, _ = train.init_state(tiny_config, model, ds.image_shape, phases[0], jax.random.key(0))
+  mesh = sharding.make_mesh()
+  state = sharding.place(state, sharding.state_sharding(mesh, state))
+  step = train.make_train_step(model, phases[0], methods.get(tiny_config), mesh)
+  batches = data.train_batches(ds, tiny_config.batch_size, 0, 0)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    for _, batch in zip(range(3), batches):
+      state, _ = step(state, batch)
+  compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+  assert len(compiles) == 1, [r.getMessage()[:300] for r in compiles]
+
+
 # ----------------------------------------------------------------------------
 # 8 fake devices, in a subprocess
 
