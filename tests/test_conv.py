@@ -114,6 +114,10 @@ def test_custom_backward_is_used_on_cpu_and_switched_off_by_the_knob(monkeypatch
   assert "concatenate" in grad_jaxpr()
   monkeypatch.setenv(conv.ENV_VAR, "xla")
   assert "concatenate" not in grad_jaxpr()
+  monkeypatch.setenv(conv.ENV_VAR, "auto")
+  monkeypatch.setattr(jax, "device_count", lambda *a: 8)  # a batch split over devices: XLA's backward
+  assert "concatenate" not in grad_jaxpr()
+  monkeypatch.undo()
   monkeypatch.setenv(conv.ENV_VAR, "bogus")
   with pytest.raises(ValueError, match=conv.ENV_VAR):
     grad_jaxpr()

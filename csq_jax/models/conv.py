@@ -26,7 +26,10 @@ identity 1x1 matmul as a barrier, whose cost grows with channels squared)
 were slower or no better; ``benchmarks/vs_pytorch.py`` times the result.
 
 Where the fast path does not apply XLA's convolution is used unchanged: any
-backend other than CPU (GPU/TPU keep their own kernels), inputs dilation,
+backend other than CPU (GPU/TPU keep their own kernels), more than one device
+(in ``auto`` mode: the batch permutation would cross the shards of a batch
+split over devices or processes; on the tiny default job over 8 CPU devices it
+cost 140 all-to-alls per step and 30 s compilations), inputs dilation,
 ``batch_group_count != 1``, ``preferred_element_type``, layouts other than
 NHWC/HWIO, non-2-D convolutions, and batches under ``_PIECES`` examples.
 
@@ -131,13 +134,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   Same arguments and result as ``lax.conv_general_dilated``. For a 2-D
   NHWC/HWIO convolution (strides, SAME/VALID/explicit padding, kernel
   dilation, feature groups, any float dtype) of at least ``_PIECES``
-  examples, on a CPU backend (``CSQ_JAX_CONV=auto``) or anywhere
+  examples, on a CPU backend with one device (``CSQ_JAX_CONV=auto``) or anywhere
   (``CSQ_JAX_CONV=custom``), the custom-VJP convolution ``_conv``; otherwise
   XLA's convolution unchanged.
   """
   mode = conv_mode()
   fast = (
-      mode == "custom" or (mode == "auto" and jax.default_backend() == "cpu")
+      mode == "custom" or (mode == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1)
   ) and (
       _is_nhwc(lhs, rhs, dimension_numbers)
       and all(d == 1 for d in (lhs_dilation or (1, 1)))
