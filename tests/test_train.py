@@ -140,6 +140,29 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_config, tmp_p
   assert (tmp_path / "summary.json").read_text() == summary_before
 
 
+@pytest.mark.parametrize("method", ["csq", "lsq", "msq"])
+def test_the_jitted_init_is_the_op_by_op_init_bit_for_bit(tiny_config, method):
+  """``init_state`` jits the float init and the optimizer's init (one
+  compilation instead of one per op and shape): the state equals, bit for
+  bit, the one the same calls make op by op, so no earlier result moves."""
+  from csq_jax import methods, transform
+
+  tiny_config.method = method
+  ds = data.load_dataset(tiny_config)
+  phases = train.make_phases(tiny_config, data.steps_per_epoch(ds, tiny_config.batch_size))
+  model = train.create_model(tiny_config, ds.num_classes, ds.image_shape)
+  state, _ = train.init_state(tiny_config, model, ds.image_shape, phases[0], jax.random.key(3))
+  init_key, q_key = jax.random.split(jax.random.key(3))
+  variables = model.init(init_key, np.zeros((1,) + tuple(ds.image_shape), np.float32), train=False)
+  qparams, _ = transform.quantize_params(variables["params"], transform.rules_from_config(tiny_config.rules),
+                                         methods.get(tiny_config).quantize_spec(), q_key)
+  expected = jax.tree_util.tree_leaves((qparams, variables["batch_stats"], phases[0].tx.init(qparams)))
+  found = jax.tree_util.tree_leaves((state.params, state.batch_stats, state.opt_state))
+  assert len(found) == len(expected) > 20
+  for a, b in zip(found, expected):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("method", ["fp", "ste", "csq_uniform"])
 def test_baseline_methods_run_with_fixed_precision(tiny_config, tmp_path, method):
   tiny_config.num_epochs = 1
