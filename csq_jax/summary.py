@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from csq_jax import allowed_bits, budget, figures, metric_writers, quantizers, transform
+from csq_jax import budget, figures, metric_writers, quantizers, transform
 from csq_jax.report import atomic_write_text
 
 
@@ -44,7 +44,7 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
       "model_size_bits": float(budget.model_size_bits(params)),
       "counted_params": int(sum(sizes.values())),
       "bops": budget.bops(params, macs, min(act_bits, 32)),
-      "budget": budget_summary(config, params, macs, method.table),
+      "budget": budget_summary(config, params, macs, method.table, method.allowed),
       "test_accuracy": float(accuracy),
       "test_loss": float(loss),
       "fp_accuracy": float(fp) if fp is not None and fp >= 0 else None,
@@ -57,16 +57,17 @@ def make_summary(config, ds, model, state, accuracy: float, loss: float, rules_r
   }
 
 
-def budget_summary(config, params, macs: dict[str, int], table: budget.CostTable | None = None) -> dict[str, Any]:
+def budget_summary(config, params, macs: dict[str, int], table: budget.CostTable | None = None,
+                   allowed: tuple[int, ...] = ()) -> dict[str, Any]:
   """The budget in its own terms: its kind (``budget_weighting``; ``table``
   for a cost table), the target and the achieved average precision under
   that weighting, and in its unit: bytes of the counted weights (params),
   GBOPs per example (macs), the table's unit (a cost table: the model's cost
   at its precisions against every layer at the target); with
-  ``allowed_bits``, the widths allowed and whether every counted layer has one."""
+  ``allowed`` (the method's parsed ``allowed_bits``), the widths allowed and
+  whether every counted layer has one."""
   kind = "table" if budget.is_table(config.budget_weighting) else config.budget_weighting
   out = {"kind": kind, "target_bits": float(config.target_bits)}
-  allowed = allowed_bits.parse(config.get("allowed_bits", "any"))
   if allowed:
     out["allowed_bits"] = list(allowed)
   if not transform.quantized_leaves(params):

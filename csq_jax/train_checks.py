@@ -104,14 +104,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"batch_size={config.batch_size} and eval_batch_size={config.eval_batch_size} must be"
                       f" multiples of the {ways} data-parallel devices (mesh {mesh}); change them or the mesh.")
   try:
-    transform.rules_from_config(config.rules)
+    rules = transform.rules_from_config(config.rules)
     methods.get(config).quantize_spec()
   except (ValueError, TypeError, re.error) as e:
     raise ConfigError(str(e)) from e
-  _check_allowed_bits(config, method)
+  _check_allowed_bits(config, method, rules)
 
 
-def _check_allowed_bits(config, method) -> None:
+def _check_allowed_bits(config, method, rules) -> None:
   """``allowed_bits`` parses, fits ``n_bits``, admits the target and every
   ``fixed`` rule's width."""
   try:
@@ -129,8 +129,7 @@ def _check_allowed_bits(config, method) -> None:
   if not method.searches and int(round(config.target_bits)) not in allowed:
     raise ConfigError(f"{config.method} trains every layer at target_bits={config.target_bits:g}, which"
                       f" allowed_bits {allowed} does not allow; set target_bits to one of {allowed}.")
-  fixed = [(r.pattern, r.fixed_bits) for r in transform.rules_from_config(config.rules)
-           if r.action == "fixed" and r.fixed_bits not in allowed]
+  fixed = [(r.pattern, r.fixed_bits) for r in rules if r.action == "fixed" and r.fixed_bits not in allowed]
   if fixed:
     raise ConfigError(f"rules fix {fixed} at widths that allowed_bits {allowed} does not allow; fix them at one of"
                       f" {allowed}.")

@@ -136,6 +136,5 @@ __all__ = [
     "BSQFinetuneWeight", "BSQWeight", "CSQWeight", "MSQWeight", "STEWeight",
     "bsq", "csq", "msq", "ste",
     "bit_fields", "can_set_precision", "grid_places", "integer_weights", "is_quantized", "mask_regularizer",
-    "materialize",
-    "num_weights", "precision", "register", "static_precision", "step_size", "with_precision",
+    "materialize", "num_weights", "precision", "register", "static_precision", "step_size", "with_precision",
 ]
