@@ -162,11 +162,11 @@ def test_csq_meets_a_cost_table_budget_on_a_short_default_job(tmp_path):
   assert abs(b["achieved_cost"] - b["target_cost"]) <= 0.02 * b["target_cost"], b
 
 
-def test_the_roofline_example_writes_a_table_that_steers(tmp_path):
+def test_the_roofline_example_writes_a_table_that_steers(tmp_path, monkeypatch):
   """``examples/roofline_costs.py``: each layer's cost is the roofline's
   ``launch + N b / 8 / bandwidth + MACs b a / rate`` (numpy from the
   model's sizes and MACs), affine in the bits, so its slopes are exact."""
-  sys.path.insert(0, os.path.join(ROOT, "examples"))
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
   import roofline_costs
 
   c = load_config("default")
