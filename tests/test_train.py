@@ -140,9 +140,10 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_config, tmp_p
   assert (tmp_path / "summary.json").read_text() == summary_before
 
 
-@pytest.mark.parametrize("method", ["csq", "lsq", "msq"])
-def test_the_jitted_init_is_the_op_by_op_init_bit_for_bit(tiny_config, method):
-  """``init_state`` jits the float init and the optimizer's init (one
+@pytest.mark.parametrize("method", ["csq", "csq_uniform", "bsq", "msq", "ste", "lsq"])
+def test_the_jitted_init_is_the_op_by_op_init_bit_for_bit(tiny_config, method, monkeypatch):
+  """``init_state`` jits the float init, the optimizer's init and, where the
+  method allows it (``Method.jit_init``), each quantizer leaf's init (one
   compilation instead of one per op and shape): the state equals, bit for
   bit, the one the same calls make op by op, so no earlier result moves."""
   from csq_jax import methods, transform
@@ -152,6 +153,9 @@ def test_the_jitted_init_is_the_op_by_op_init_bit_for_bit(tiny_config, method):
   phases = train.make_phases(tiny_config, data.steps_per_epoch(ds, tiny_config.batch_size))
   model = train.create_model(tiny_config, ds.num_classes, ds.image_shape)
   state, _ = train.init_state(tiny_config, model, ds.image_shape, phases[0], jax.random.key(3))
+  method_class = type(methods.get(tiny_config))
+  assert method_class.jit_init(methods.get(tiny_config).opts) == (method != "lsq")
+  monkeypatch.setattr(method_class, "jit_init", classmethod(lambda cls, options: False))  # init_leaf op by op
   init_key, q_key = jax.random.split(jax.random.key(3))
   variables = model.init(init_key, np.zeros((1,) + tuple(ds.image_shape), np.float32), train=False)
   qparams, _ = transform.quantize_params(variables["params"], transform.rules_from_config(tiny_config.rules),

@@ -233,6 +233,16 @@ class Method:
     return transform.QuantizeSpec(self.name or self.config.method, self.leaf_bits, self.opts)
 
   @classmethod
+  def jit_init(cls, options: Mapping[str, Any]) -> bool:
+    """Whether ``quantize_params`` may jit ``init_leaf`` with ``options`` (one
+    compilation per kernel shape instead of one per op and shape). True only
+    where ``init_leaf`` is traceable and its jitted values are its op-by-op
+    values; False by default, so a user's method that reads its kernel on
+    the host still works."""
+    del options
+    return False
+
+  @classmethod
   def init_leaf(cls, kernel: jax.Array, bits: int, key: jax.Array | None, options: Mapping[str, Any]):
     """The quantizer leaf of a float ``kernel`` at ``bits`` (``key``: a PRNG
     key for random inits; ``options``: the method's section)."""

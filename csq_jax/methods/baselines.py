@@ -19,6 +19,10 @@ class STE(base.Method):
   (``quantizers/ste.py``)."""
 
   @classmethod
+  def jit_init(cls, options):
+    return True
+
+  @classmethod
   def init_leaf(cls, kernel, bits, key, options):
     del key, options
     return ste.init_from_float(kernel, bits)

@@ -49,6 +49,10 @@ class BSQ(base.Method):
     )
 
   @classmethod
+  def jit_init(cls, options):
+    return True
+
+  @classmethod
   def init_leaf(cls, kernel, bits, key, options):
     del key, options
     return bsq.init_from_float(kernel, bits)

@@ -63,6 +63,10 @@ class MSQ(base.Method):
     )
 
   @classmethod
+  def jit_init(cls, options):
+    return True
+
+  @classmethod
   def init_leaf(cls, kernel, bits, key, options):
     del key, options
     return msq.init_from_float(kernel, bits)
