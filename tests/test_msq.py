@@ -496,7 +496,7 @@ def test_paper_sensitivity_omega_with_exact_hessian_traces(trained_tiny_cnn):
     flat, unravel = ravel_pytree(hard)
     x, y = jnp.asarray(batch["image"], jnp.float64), jnp.asarray(batch["label"])
     ce = lambda f: optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": unravel(f)}, x), y).mean()
-    H = np.asarray(jax.hessian(ce)(flat))
+    H = np.asarray(jax.jit(jax.hessian(ce))(flat))
   omegas, off = {}, 0
   for name in hard:  # ravel_pytree order: sorted keys
     n = hard[name]["kernel"].size
