@@ -61,17 +61,18 @@ def test_resnet50_block_layout():
 
 @pytest.mark.parametrize("name, classes", [("resnet18", 10), ("resnet50", 7)])
 def test_output_shape_and_train_mode(name, classes):
+  # Jitted: op by op, every layer shape compiles each op (17 s against 14 s on ResNet-50).
   m = models.create_model(name, classes)
-  v = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  out = m.apply(v, x)
+  out = jax.jit(m.apply)(v, x)
   assert out.shape == (2, classes) and out.dtype == jnp.float32
-  out, updates = m.apply(v, x, train=True, mutable=["batch_stats"])
+  out, updates = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
   assert out.shape == (2, classes) and jnp.all(jnp.isfinite(out))
   assert set(updates["batch_stats"]) == set(v["batch_stats"])
 
 
 def test_bfloat16_output_is_float32():
   m = models.create_model("resnet18", 10, dtype=jnp.bfloat16)
-  v = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  assert m.apply(v, jnp.zeros((2, 32, 32, 3))).dtype == jnp.float32
+  v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert jax.jit(m.apply)(v, jnp.zeros((2, 32, 32, 3))).dtype == jnp.float32
