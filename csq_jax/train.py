@@ -99,7 +99,7 @@ def restore_state_and_meta(mngr, step: int, init: TrainState, phases: list[Phase
     phase = phases[meta["phase_index"]]
     t = start_finetune(init, phase, method) if phase.name == "finetune" else init
     params = method.restructure(t.params, meta.get("structure", {}))
-    return t.replace(params=params, opt_state=phase.tx.init(params))
+    return t.replace(params=params, opt_state=jax.jit(phase.tx.init)(params))
 
   return checkpoint.restore(mngr, step, template, config)
 

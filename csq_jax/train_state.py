@@ -153,7 +153,7 @@ def start_round(state: TrainState, phase: Phase, method, rewind: dict) -> TrainS
   "batch_stats"}`` saved after ``method.rewind_epoch()`` epochs), fresh
   optimizer, beta restarted (step 0)."""
   params = method.start_round(state.params, rewind["params"])
-  return TrainState(jnp.zeros((), jnp.int32), params, rewind["batch_stats"], phase.tx.init(params))
+  return TrainState(jnp.zeros((), jnp.int32), params, rewind["batch_stats"], jax.jit(phase.tx.init)(params))
 
 
 def start_finetune(state: TrainState, phase: Phase, method) -> TrainState:
@@ -161,14 +161,14 @@ def start_finetune(state: TrainState, phase: Phase, method) -> TrainState:
   selection), each searched layer moves to an allowed width (``allowed_bits``),
   fresh optimizer, beta rewound (step 0)."""
   params = method.fit_allowed(method.start_finetune(state.params))
-  return TrainState(jnp.zeros((), jnp.int32), params, state.batch_stats, phase.tx.init(params))
+  return TrainState(jnp.zeros((), jnp.int32), params, state.batch_stats, jax.jit(phase.tx.init)(params))
 
 
 def carry_opt_state(tx: optax.GradientTransformation, opt_state, params):
   """Optimizer state for ``params`` after a precision change (BSQ's planes,
   MSQ's static bits): each leaf of the old state whose shape still fits is
   kept (momentum of unchanged layers survives), the others start at zero."""
-  fresh = tx.init(params)
+  fresh = jax.jit(tx.init)(params)
   old = jax.tree_util.tree_leaves(opt_state)
   new, treedef = jax.tree_util.tree_flatten(fresh)
   if len(old) != len(new):
