@@ -125,9 +125,10 @@ def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
   The float init and the optimizer's init are jitted: run op by op, each
   initializer compiles once per parameter shape (ResNet-50: 6 s of
   ``truncated_normal`` compilations on a CPU). Their values are the same bits
-  either way (``tests/test_train.py``). The quantizers' init stays op by op:
-  under jit LSQ's step, a mean, differs in the last bit, which would change
-  the README's LSQ runs."""
+  either way (``tests/test_train.py``). The quantizer leaves are jitted per
+  kernel shape where the method allows it (``transform.quantize_params``,
+  ``Method.jit_init``): not LSQ, whose step, a mean, differs in the last bit
+  under jit, which would change the README's LSQ runs."""
   init_key, q_key = jax.random.split(key)
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   variables = jax.jit(lambda k: model.init(k, dummy, train=False))(init_key)

@@ -198,11 +198,11 @@ def _init_leaf(cls, kernel, bits: int, key, options: Mapping[str, Any]):
 
   Op by op, every operation of an initializer compiles once per kernel shape:
   ResNet-50's CSQ leaves took 17 s on a 2-core CPU, 5 s jitted. The jitted
-  values are the op-by-op ones bit for bit on small_cnn and ResNet-20 (csq,
-  csq_uniform, bsq, msq, ste; ``tests/test_train.py``). On ResNet-50, 1 to 4
-  of a leaf's 0.3-16 M bit logits differ (27 of 53 leaves), where XLA's fused
-  ``|W| / s * (2^n - 1)`` rounds across a ``.5`` that the unfused one does not
-  reach: the same formula in float32, another last bit.
+  values are the op-by-op ones bit for bit on small_cnn (csq, csq_uniform,
+  bsq, msq, ste: ``tests/test_train.py``) and on ResNet-20 (the same five,
+  checked once). On ResNet-50, 1 to 4 values of 27 bit-logit arrays (of up
+  to 16 M values) differ: there the fused and the op-by-op float32
+  ``|W| / s * (2^n - 1)`` round a few weights to neighbouring integers.
   """
   frozen = _hashable(options)
   if frozen is None or not cls.jit_init(options):
