@@ -41,8 +41,8 @@ from csq_jax import transform
 # The loop's building blocks, re-exported: state and phases, the jitted steps, the config checks.
 from csq_jax.train_checks import ConfigError, check_rules_quantize, validate_config  # noqa: F401
 from csq_jax.train_state import (  # noqa: F401
-    COMPUTE_DTYPES, OPTIMIZERS, Phase, TrainState, carry_opt_state, create_model, init_state, lr_schedule,
-    make_optimizer, make_phases, phase_epochs, start_finetune, start_round)
+    COMPUTE_DTYPES, OPTIMIZERS, Phase, TrainState, carry_opt_state, create_model, init_opt_state, init_state,
+    lr_schedule, make_optimizer, make_phases, phase_epochs, start_finetune, start_round)
 from csq_jax.train_steps import (  # noqa: F401
     cross_entropy, device_batch, evaluate, make_eval_step, make_train_step, process_rows, recalibrate_batch_norm)
 
@@ -99,7 +99,7 @@ def restore_state_and_meta(mngr, step: int, init: TrainState, phases: list[Phase
     phase = phases[meta["phase_index"]]
     t = start_finetune(init, phase, method) if phase.name == "finetune" else init
     params = method.restructure(t.params, meta.get("structure", {}))
-    return t.replace(params=params, opt_state=jax.jit(phase.tx.init)(params))
+    return t.replace(params=params, opt_state=init_opt_state(phase.tx, params))
 
   return checkpoint.restore(mngr, step, template, config)
 

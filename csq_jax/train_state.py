@@ -122,10 +122,10 @@ def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
   """The model's float init (or, with ``config.init_from``, a trained float
   run's weights), quantized by the config's rules into the method's leaves.
 
-  The float init and the optimizer's init are jitted: run op by op, each
-  initializer compiles once per parameter shape (ResNet-50: 6 s of
-  ``truncated_normal`` compilations on a CPU). Their values are the same bits
-  either way (``tests/test_train.py``). The quantizer leaves are jitted per
+  The float init and the optimizer's init (``init_opt_state``) are jitted:
+  run op by op, each initializer compiles once per parameter shape
+  (ResNet-50: 6 s of ``truncated_normal`` compilations on a CPU). Their values
+  are the same bits either way (``tests/test_train.py``). The quantizer leaves are jitted per
   kernel shape where the method allows it (``transform.quantize_params``,
   ``Method.jit_init``): not LSQ, whose step, a mean, differs in the last bit
   under jit, which would change the README's LSQ runs."""
@@ -134,7 +134,7 @@ def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
   variables = jax.jit(lambda k: model.init(k, dummy, train=False))(init_key)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   if config.get("init_from"):
-    float_state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, phase.tx.init(params))
+    float_state = TrainState(jnp.zeros((), jnp.int32), params, batch_stats, init_opt_state(phase.tx, params))
     params, batch_stats = pretrained.restore_init(config, float_state)
   qparams, report_ = transform.quantize_params(
       params, transform.rules_from_config(config.rules), methods.get(config).quantize_spec(), q_key
@@ -143,7 +143,7 @@ def init_state(config, model, image_shape, phase: Phase, key: jax.Array):
       step=jnp.zeros((), jnp.int32),
       params=qparams,
       batch_stats=batch_stats,
-      opt_state=jax.jit(phase.tx.init)(qparams),
+      opt_state=init_opt_state(phase.tx, qparams),
   )
   return state, report_
 
@@ -154,7 +154,7 @@ def start_round(state: TrainState, phase: Phase, method, rewind: dict) -> TrainS
   "batch_stats"}`` saved after ``method.rewind_epoch()`` epochs), fresh
   optimizer, beta restarted (step 0)."""
   params = method.start_round(state.params, rewind["params"])
-  return TrainState(jnp.zeros((), jnp.int32), params, rewind["batch_stats"], jax.jit(phase.tx.init)(params))
+  return TrainState(jnp.zeros((), jnp.int32), params, rewind["batch_stats"], init_opt_state(phase.tx, params))
 
 
 def start_finetune(state: TrainState, phase: Phase, method) -> TrainState:
@@ -162,14 +162,20 @@ def start_finetune(state: TrainState, phase: Phase, method) -> TrainState:
   selection), each searched layer moves to an allowed width (``allowed_bits``),
   fresh optimizer, beta rewound (step 0)."""
   params = method.fit_allowed(method.start_finetune(state.params))
-  return TrainState(jnp.zeros((), jnp.int32), params, state.batch_stats, jax.jit(phase.tx.init)(params))
+  return TrainState(jnp.zeros((), jnp.int32), params, state.batch_stats, init_opt_state(phase.tx, params))
+
+
+def init_opt_state(tx: optax.GradientTransformation, params):
+  """``tx.init(params)``, jitted: op by op it compiles once per leaf shape;
+  its values (zeros, a step count) are the same."""
+  return jax.jit(tx.init)(params)
 
 
 def carry_opt_state(tx: optax.GradientTransformation, opt_state, params):
   """Optimizer state for ``params`` after a precision change (BSQ's planes,
   MSQ's static bits): each leaf of the old state whose shape still fits is
   kept (momentum of unchanged layers survives), the others start at zero."""
-  fresh = jax.jit(tx.init)(params)
+  fresh = init_opt_state(tx, params)
   old = jax.tree_util.tree_leaves(opt_state)
   new, treedef = jax.tree_util.tree_flatten(fresh)
   if len(old) != len(new):

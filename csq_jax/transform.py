@@ -204,8 +204,8 @@ def _init_leaf(cls, kernel, bits: int, key, options: Mapping[str, Any]):
   to 16 M values) differ: there the fused and the op-by-op float32
   ``|W| / s * (2^n - 1)`` round a few weights to neighbouring integers.
   """
-  frozen = _hashable(options)
-  if frozen is None or not cls.jit_init(options):
+  frozen = _hashable(options) if cls.jit_init(options) else None
+  if frozen is None:
     return cls.init_leaf(kernel, bits, key, options)
   return _jitted_init_leaf(cls, kernel, bits, key, frozen)
 
