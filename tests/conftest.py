@@ -47,6 +47,18 @@ def tiny_config():
   return c
 
 
+def shortened_default_job(**fields):
+  """The default job shortened to 60 + 6 epochs for a test of its result
+  (the budget met, exact quantization): checkpoints at the phases' ends and
+  the hard model's test accuracy at the end only, which the result does not
+  depend on (BSQ/MSQ precision changes would also compile the eval steps
+  again at every 5-epoch evaluation); ``fields`` override the config."""
+  c = load_config("default")
+  c.update(dict(num_epochs=60, finetune_epochs=6, progress=False, tensorboard=False,
+                checkpoint_every_epochs=100, eval_every=100, eval_soft=False, **fields))
+  return c
+
+
 def pytest_collection_modifyitems(config, items):
   """Slow tests first, so that pytest-xdist starts the long ones early and
   the workers finish together."""

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, shortened_default_job
 from csq_jax import allowed_bits, budget, profile, train
 from csq_jax.quantizers import csq
 
@@ -152,9 +152,7 @@ def test_csq_meets_a_cost_table_budget_on_a_short_default_job(tmp_path):
   within 2% of the budget (every layer at 3 bits), the search's
   slope-weighted average within 0.05 bit of the target."""
   path, _ = _affine_table(tmp_path)
-  c = load_config("default")
-  c.update(dict(budget_weighting=f"table:{path}", target_bits=3.0, num_epochs=60, finetune_epochs=6,
-                checkpoint_every_epochs=100, eval_every=100, eval_soft=False, progress=False, tensorboard=False))
+  c = shortened_default_job(budget_weighting=f"table:{path}", target_bits=3.0)
   s = train.train_and_evaluate(c, str(tmp_path / "run"))
   b = s["budget"]
   assert b["kind"] == "table" and b["unit"] == "ms" and os.path.samefile(b["table"], path)

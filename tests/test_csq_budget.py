@@ -11,21 +11,11 @@ import pytest
 
 from csq_jax import train
 
-from conftest import load_config
+from conftest import shortened_default_job
 
 
 def _short_default(target: float):
-  c = load_config("default")
-  c.progress = False
-  c.tensorboard = False
-  c.num_epochs = 60
-  c.finetune_epochs = 6
-  # The result is checked here: checkpoints at the phases' ends only, the test
-  # accuracy of the hard model at the end only (BSQ/MSQ precision changes
-  # would compile the eval steps again at every 5-epoch evaluation).
-  c.update(checkpoint_every_epochs=100, eval_every=100, eval_soft=False)
-  c.target_bits = target
-  return c
+  return shortened_default_job(target_bits=target)
 
 
 def _check(summary, target: float):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, kill_after_epoch, load_config, restore_final_state
+from conftest import ROOT, kill_after_epoch, load_config, restore_final_state, shortened_default_job
 from csq_jax import checkpoint, data, report, train
 
 
@@ -186,17 +186,7 @@ def test_bsq_and_msq_reach_the_budget_on_the_default_job(tmp_path, method):
   """The default job with --config.method, shortened to 60 + 6 epochs: the
   average precision ends within 0.25 bit of the target (BSQ and MSQ move in
   whole-bit steps). Both reach it by epoch ~35 of the full 150 + 15."""
-  c = load_config("default")
-  c.progress = False
-  c.tensorboard = False
-  c.method = method
-  c.num_epochs = 60  # BSQ ends at 4.04 bits on 40 + 4 (measured)
-  c.finetune_epochs = 6
-  # The result is checked here: checkpoints at the phases' ends only, the test
-  # accuracy of the hard model at the end only (BSQ/MSQ precision changes
-  # would compile the eval steps again at every 5-epoch evaluation).
-  c.update(checkpoint_every_epochs=100, eval_every=100, eval_soft=False)
-  c.target_bits = 3.0
+  c = shortened_default_job(method=method, target_bits=3.0)  # 60 + 6: BSQ ends at 4.04 bits on 40 + 4 (measured)
   # The budget is the result here, not the Hessian's precision: MSQ's k from a
   # small Hutch++ (2 sketch vectors + 2 probes per layer, at most 4 probes).
   c.msq.update(hessian_sketch=2, hessian_probes=2, hessian_max_probes=4)
