@@ -13,6 +13,7 @@ import numpy as np
 import optax
 
 from csq_jax import data, sharding, transform
+from csq_jax.models import conv
 from csq_jax.train_state import Phase, TrainState
 
 
@@ -97,7 +98,7 @@ def make_train_step(model, phase: Phase, method, mesh=None) -> Callable:
 
   if mesh is not None:
     return _on_mesh(train_step, mesh, state_args=(0,), batch_arg=1, outs=lambda rep, ins: (ins[0], rep), donate=0)
-  return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0, compiler_options=conv.compiler_options())
 
 
 def make_eval_step(model, hard: bool, mesh=None) -> Callable:
@@ -117,7 +118,7 @@ def make_eval_step(model, hard: bool, mesh=None) -> Callable:
 
   if mesh is not None:
     return _on_mesh(eval_step, mesh, state_args=(0, 1), batch_arg=2)
-  return jax.jit(eval_step)
+  return jax.jit(eval_step, compiler_options=conv.compiler_options())
 
 
 def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config, mesh=None) -> TrainState:
@@ -140,7 +141,7 @@ def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config, m
     return new["batch_stats"]
 
   if mesh is None:
-    update = jax.jit(update)
+    update = jax.jit(update, compiler_options=conv.compiler_options())
   else:
     update = _on_mesh(update, mesh, state_args=(0, 1), batch_arg=2, outs=lambda rep, ins: ins[1])
   batch_stats = state.batch_stats

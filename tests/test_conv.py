@@ -187,3 +187,34 @@ def test_resnet20_params_and_gradients_equal_with_xla_conv(monkeypatch):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fast), jax.tree_util.tree_leaves(reference)):
     assert a.shape == b.shape
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def _ynn_ops(compiled_text: str) -> set[str]:
+  """The HLO opcodes inside the YNNPACK library fusions of a compiled program."""
+  import re
+
+  called = set(re.findall(r"calls=(%[\w.\-]+)[^\n]*__ynn_fusion", compiled_text))
+  blocks = [b for b in compiled_text.split("\n\n") if b.strip().split(" ")[0] in called]
+  return {op for b in blocks for op in re.findall(r"\} ([a-z][\w-]*)\(", b)}
+
+
+def test_steps_compile_without_ynnpack_convolutions_and_match_xla(monkeypatch):
+  """In ``auto`` mode on this one-device CPU backend the steps' compiler
+  options leave convolutions to XLA's own kernels (YNNPACK runs each on one
+  thread); the 32-channel convolution that YNNPACK would take gives XLA's
+  float64 values and gradients to float32 precision; ``xla`` mode gives no
+  options."""
+  monkeypatch.setenv(conv.ENV_VAR, "auto")
+  options = conv.compiler_options()
+  assert options == {conv._YNN_OPTION: conv._YNN_WITHOUT_CONVOLUTIONS}
+  x, w = _operands(32, 32, 3, 1, size=8)
+  g = np.random.default_rng(5).standard_normal((BATCH, 8, 8, 32))
+  f = lambda x_, w_, g_: (lambda y, vjp: (y, *vjp(g_)))(*jax.vjp(
+      lambda a, b: conv.conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN), x_, w_))
+  args = [jnp.asarray(a, jnp.float32) for a in (x, w, g)]
+  compiled = jax.jit(f, compiler_options=options).lower(*args).compile()
+  assert "convolution" not in _ynn_ops(compiled.as_text())
+  for name, a, b in zip(("y", "dx", "dw"), compiled(*args), _reference(x, w, g, (1, 1), "SAME", (1, 1), 1)):
+    _assert_close(np.asarray(a, np.float64), b, 1e-5, name)
+  monkeypatch.setenv(conv.ENV_VAR, "xla")
+  assert conv.compiler_options() is None

@@ -33,10 +33,22 @@ cost 140 all-to-alls per step and 30 s compilations), inputs dilation,
 ``batch_group_count != 1``, ``preferred_element_type``, layouts other than
 NHWC/HWIO, non-2-D convolutions, and batches under ``_PIECES`` examples.
 
+The same rule (a CPU backend, one device, ``auto``) gives the jitted steps
+(``train_steps.py``) :func:`compiler_options`: XLA:CPU's YNNPACK library
+fusions keep dots and reductions but leave convolutions to XLA's own
+(Eigen) kernels. YNNPACK takes every convolution of more than 16 channels by
+default (jaxlib 0.10) and runs each on one thread, where Eigen uses all
+cores: on the 2-core machine of the README, ResNet-20's 16x16 32->32
+convolution took 7.1 / 6.4 / 10.5 ms (forward / input grad / weight grad) in
+YNNPACK and 3.8 / 3.5 / 6.9 ms in Eigen. Turning YNNPACK off altogether was
+no better, since its reductions (batch-norm statistics) beat XLA's
+reduce-windows.
+
 Knob: the environment variable ``CSQ_JAX_CONV`` is read at trace time (so it
 takes effect for functions traced after it is set): ``auto`` (default) uses
-the fast backward pass on a CPU backend, ``xla`` always uses
-``lax.conv_general_dilated`` as is (the "before" of the benchmarks), and
+the fast backward pass and :func:`compiler_options` on a CPU backend, ``xla``
+always uses ``lax.conv_general_dilated`` and XLA's options as they are (the
+"before" of the benchmarks), and
 ``custom`` uses the custom backward pass on every backend (for tests).
 
 :class:`Conv` is ``flax.linen.Conv`` with this function as its
@@ -60,6 +72,10 @@ from jax import lax
 ENV_VAR = "CSQ_JAX_CONV"
 _MODES = ("auto", "xla", "custom")
 _NHWC = ("NHWC", "HWIO", "NHWC")
+# jaxlib 0.10's default YNNPACK fusions (individual dots and convolutions,
+# reductions), convolutions taken out.
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 # Chunks of the batch in the materialized copies: more than XLA:CPU's limit of
 # 8 operands for a fusible concatenation.
 _PIECES = 9
@@ -71,6 +87,33 @@ def conv_mode() -> str:
   if mode not in _MODES:
     raise ValueError(f"{ENV_VAR}={mode!r}; expected one of {_MODES}.")
   return mode
+
+
+def _fast_path_backend() -> bool:
+  """Whether ``auto`` means the fast path here: a CPU backend with one device."""
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def compiler_options() -> dict[str, str] | None:
+  """``jax.jit``'s ``compiler_options`` for a step that runs the zoo's
+  convolutions: in ``auto`` mode on a CPU backend with one device, YNNPACK
+  without convolutions (module docstring); otherwise, or where this jaxlib
+  does not know the option, ``None`` (XLA's defaults)."""
+  if conv_mode() != "auto" or not _fast_path_backend():
+    return None
+  return _ynn_without_convolutions()
+
+
+@functools.cache
+def _ynn_without_convolutions() -> dict[str, str] | None:
+  """The YNNPACK option if this jaxlib compiles with it (one tiny compilation
+  per process), else ``None``."""
+  options = {_YNN_OPTION: _YNN_WITHOUT_CONVOLUTIONS}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+  except Exception:  # noqa: BLE001 - an older or newer jaxlib: an unknown option or enum value
+    return None
+  return options
 
 
 def _batch_reversed(a: jax.Array) -> jax.Array:
@@ -140,7 +183,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """
   mode = conv_mode()
   fast = (
-      mode == "custom" or (mode == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1)
+      mode == "custom" or (mode == "auto" and _fast_path_backend())
   ) and (
       _is_nhwc(lhs, rhs, dimension_numbers)
       and all(d == 1 for d in (lhs_dilation or (1, 1)))
