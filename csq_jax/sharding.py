@@ -220,12 +220,14 @@ def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
 
 
 def jit_sharded(fn: Callable, shardings: Callable[..., tuple[Any, Any]],
-                donate_argnums: int | tuple[int, ...] = ()) -> Callable:
+                donate_argnums: int | tuple[int, ...] = (),
+                compiler_options: Callable[..., dict | None] | None = None) -> Callable:
   """``fn`` jitted with ``in_shardings``/``out_shardings`` from
   ``shardings(*args) -> (in_shardings, out_shardings)``, one program per
   structure of the arguments (BSQ/MSQ precision changes and the finetune's
-  frozen masks change it). Arguments not yet on their sharding are placed
-  (``place``) first. ``.lower(*args)`` lowers the program ``args`` would run.
+  frozen masks change it), compiled with ``compiler_options(*args)`` if
+  given. Arguments not yet on their sharding are placed (``place``) first.
+  ``.lower(*args)`` lowers the program ``args`` would run.
   """
   cache: dict[Any, tuple[Callable, list]] = {}
 
@@ -235,7 +237,8 @@ def jit_sharded(fn: Callable, shardings: Callable[..., tuple[Any, Any]],
     if key not in cache:
       ins, outs = shardings(*args)
       flat = treedef.flatten_up_to(jax.tree.broadcast(ins, args))
-      cache[key] = jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=donate_argnums), flat
+      cache[key] = jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=donate_argnums,
+                           compiler_options=compiler_options and compiler_options(*args)), flat
     jitted, flat = cache[key]
     # The steady state (outputs of the last call fed back) is already placed.
     if not all(isinstance(x, jax.Array) and x.sharding == s for x, s in zip(leaves, flat)):

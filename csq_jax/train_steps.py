@@ -33,6 +33,31 @@ def process_rows() -> dict[str, int]:
   return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def _compiler_options(batch):
+  """``conv.compiler_options`` for the images of ``batch``."""
+  return conv.compiler_options(np.shape(batch["image"])[1:])
+
+
+def _jit(fn, batch_arg: int, **jit_kwargs):
+  """``jax.jit(fn, **jit_kwargs)`` compiled with the compiler options of the
+  images at ``batch_arg`` (``conv.compiler_options``), known at the first
+  call: one jitted function per options; ``.lower(*args)`` as ``jax.jit``'s."""
+  jitted = {}
+
+  def get(args):
+    options = _compiler_options(args[batch_arg])
+    key = tuple(sorted(options.items())) if options else ()
+    if key not in jitted:
+      jitted[key] = jax.jit(fn, compiler_options=options, **jit_kwargs)
+    return jitted[key]
+
+  def call(*args):
+    return get(args)(*args)
+
+  call.lower = lambda *args: get(args).lower(*args)
+  return call
+
+
 def _on_mesh(fn, mesh, state_args: tuple[int, ...], batch_arg: int, outs=None, donate=()):
   """``fn`` jitted over ``mesh``: the args in ``state_args`` on their state
   sharding, the host batch at ``batch_arg`` split over the data axes, other
@@ -44,7 +69,7 @@ def _on_mesh(fn, mesh, state_args: tuple[int, ...], batch_arg: int, outs=None, d
     ins[batch_arg] = sharding.batch_sharding(mesh)
     return tuple(ins), (rep if outs is None else outs(rep, ins))
 
-  jitted = sharding.jit_sharded(fn, shardings, donate)
+  jitted = sharding.jit_sharded(fn, shardings, donate, lambda *args: _compiler_options(args[batch_arg]))
 
   def to_device(args):
     return args[:batch_arg] + (device_batch(args[batch_arg], mesh),) + args[batch_arg + 1:]
@@ -98,7 +123,7 @@ def make_train_step(model, phase: Phase, method, mesh=None) -> Callable:
 
   if mesh is not None:
     return _on_mesh(train_step, mesh, state_args=(0,), batch_arg=1, outs=lambda rep, ins: (ins[0], rep), donate=0)
-  return jax.jit(train_step, donate_argnums=0, compiler_options=conv.compiler_options())
+  return _jit(train_step, batch_arg=1, donate_argnums=0)
 
 
 def make_eval_step(model, hard: bool, mesh=None) -> Callable:
@@ -118,7 +143,7 @@ def make_eval_step(model, hard: bool, mesh=None) -> Callable:
 
   if mesh is not None:
     return _on_mesh(eval_step, mesh, state_args=(0, 1), batch_arg=2)
-  return jax.jit(eval_step, compiler_options=conv.compiler_options())
+  return _jit(eval_step, batch_arg=2)
 
 
 def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config, mesh=None) -> TrainState:
@@ -141,7 +166,7 @@ def recalibrate_batch_norm(model, state: TrainState, ds: data.Dataset, config, m
     return new["batch_stats"]
 
   if mesh is None:
-    update = jax.jit(update, compiler_options=conv.compiler_options())
+    update = _jit(update, batch_arg=2)
   else:
     update = _on_mesh(update, mesh, state_args=(0, 1), batch_arg=2, outs=lambda rep, ins: ins[1])
   batch_stats = state.batch_stats

@@ -199,14 +199,15 @@ def _ynn_ops(compiled_text: str) -> set[str]:
 
 
 def test_steps_compile_without_ynnpack_convolutions_and_match_xla(monkeypatch):
-  """In ``auto`` mode on this one-device CPU backend the steps' compiler
-  options leave convolutions to XLA's own kernels (YNNPACK runs each on one
-  thread); the 32-channel convolution that YNNPACK would take gives XLA's
-  float64 values and gradients to float32 precision; ``xla`` mode gives no
-  options."""
+  """In ``auto`` mode on this one-device CPU backend, for 32x32 images, the
+  steps' compiler options leave convolutions to XLA's own kernels (YNNPACK
+  runs each on one thread); the 32-channel convolution that YNNPACK would take
+  gives XLA's float64 values and gradients to float32 precision; 8x8 images
+  and ``xla`` mode get no options."""
   monkeypatch.setenv(conv.ENV_VAR, "auto")
-  options = conv.compiler_options()
+  options = conv.compiler_options((32, 32, 3))
   assert options == {conv._YNN_OPTION: conv._YNN_WITHOUT_CONVOLUTIONS}
+  assert conv.compiler_options((8, 8, 1)) is None  # the default job's digits: XLA's defaults, as before
   x, w = _operands(32, 32, 3, 1, size=8)
   g = np.random.default_rng(5).standard_normal((BATCH, 8, 8, 32))
   f = lambda x_, w_, g_: (lambda y, vjp: (y, *vjp(g_)))(*jax.vjp(
@@ -217,4 +218,20 @@ def test_steps_compile_without_ynnpack_convolutions_and_match_xla(monkeypatch):
   for name, a, b in zip(("y", "dx", "dw"), compiled(*args), _reference(x, w, g, (1, 1), "SAME", (1, 1), 1)):
     _assert_close(np.asarray(a, np.float64), b, 1e-5, name)
   monkeypatch.setenv(conv.ENV_VAR, "xla")
-  assert conv.compiler_options() is None
+  assert conv.compiler_options((32, 32, 3)) is None
+
+
+def test_the_train_step_of_32x32_images_compiles_without_ynnpack_convolutions(tiny_config):
+  """The options reach the compiled train step, on one device and on a
+  one-device mesh (what ``train.py`` uses), for CIFAR-sized images only."""
+  from csq_jax import methods, sharding, train
+
+  model = create_model("small_cnn", num_classes=10)
+  phases = train.make_phases(tiny_config, steps_per_epoch=2)
+  for size, ynn_convs in ((32, False), (8, True)):
+    state, _ = train.init_state(tiny_config, model, (size, size, 1), phases[0], jax.random.key(0))
+    batch = {"image": np.zeros((16, size, size, 1), np.float32), "label": np.zeros((16,), np.int32)}
+    for mesh in (None, sharding.make_mesh((("data", -1),))):
+      step = train.make_train_step(model, phases[0], methods.get(tiny_config), mesh)
+      text = step.lower(state, batch).compile().as_text()
+      assert ("convolution" in _ynn_ops(text)) == ynn_convs, (size, mesh)
