@@ -33,23 +33,32 @@ def process_rows() -> dict[str, int]:
   return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _compiler_options(batch):
-  """``conv.compiler_options`` for the images of ``batch``."""
-  return conv.compiler_options(np.shape(batch["image"])[1:])
+def _options_chooser(fn, batch_arg: int) -> Callable[..., dict | None]:
+  """``args -> conv.compiler_options`` of ``fn`` called on ``args``: decided at
+  the first call (images of ``args[batch_arg]``, ``fn``'s jaxpr) and kept,
+  since neither a precision change nor a phase adds a grouped convolution."""
+  chosen = []
+
+  def choose(*args):
+    if not chosen:
+      chosen.append(conv.compiler_options(np.shape(args[batch_arg]["image"])[1:],
+                                          lambda: str(jax.make_jaxpr(fn)(*args))))
+    return chosen[0]
+
+  return choose
 
 
 def _jit(fn, batch_arg: int, **jit_kwargs):
-  """``jax.jit(fn, **jit_kwargs)`` compiled with the compiler options of the
-  images at ``batch_arg`` (``conv.compiler_options``), known at the first
-  call: one jitted function per options; ``.lower(*args)`` as ``jax.jit``'s."""
-  jitted = {}
+  """``jax.jit(fn, **jit_kwargs)`` compiled with ``conv.compiler_options``
+  (``_options_chooser``), known at the first call; ``.lower(*args)`` as
+  ``jax.jit``'s."""
+  choose = _options_chooser(fn, batch_arg)
+  jitted = []
 
   def get(args):
-    options = _compiler_options(args[batch_arg])
-    key = tuple(sorted(options.items())) if options else ()
-    if key not in jitted:
-      jitted[key] = jax.jit(fn, compiler_options=options, **jit_kwargs)
-    return jitted[key]
+    if not jitted:
+      jitted.append(jax.jit(fn, compiler_options=choose(*args), **jit_kwargs))
+    return jitted[0]
 
   def call(*args):
     return get(args)(*args)
@@ -69,7 +78,7 @@ def _on_mesh(fn, mesh, state_args: tuple[int, ...], batch_arg: int, outs=None, d
     ins[batch_arg] = sharding.batch_sharding(mesh)
     return tuple(ins), (rep if outs is None else outs(rep, ins))
 
-  jitted = sharding.jit_sharded(fn, shardings, donate, lambda *args: _compiler_options(args[batch_arg]))
+  jitted = sharding.jit_sharded(fn, shardings, donate, _options_chooser(fn, batch_arg))
 
   def to_device(args):
     return args[:batch_arg] + (device_batch(args[batch_arg], mesh),) + args[batch_arg + 1:]

@@ -202,12 +202,15 @@ def test_steps_compile_without_ynnpack_convolutions_and_match_xla(monkeypatch):
   """In ``auto`` mode on this one-device CPU backend, for 32x32 images, the
   steps' compiler options leave convolutions to XLA's own kernels (YNNPACK
   runs each on one thread); the 32-channel convolution that YNNPACK would take
-  gives XLA's float64 values and gradients to float32 precision; 8x8 images
-  and ``xla`` mode get no options."""
+  gives XLA's float64 values and gradients to float32 precision; 8x8 images,
+  programs with grouped convolutions and ``xla`` mode get no options."""
   monkeypatch.setenv(conv.ENV_VAR, "auto")
-  options = conv.compiler_options((32, 32, 3))
+  plain = lambda: "conv_general_dilated[feature_group_count=1 batch_group_count=1]"
+  options = conv.compiler_options((32, 32, 3), plain)
   assert options == {conv._YNN_OPTION: conv._YNN_WITHOUT_CONVOLUTIONS}
-  assert conv.compiler_options((8, 8, 1)) is None  # the default job's digits: XLA's defaults, as before
+  assert conv.compiler_options((8, 8, 1), plain) is None  # the default job's digits: XLA's defaults, as before
+  for grouped in ("feature_group_count=16", "batch_group_count=2"):  # depthwise: YNNPACK's are faster
+    assert conv.compiler_options((224, 224, 3), lambda: f"conv_general_dilated[{grouped}]") is None
   x, w = _operands(32, 32, 3, 1, size=8)
   g = np.random.default_rng(5).standard_normal((BATCH, 8, 8, 32))
   f = lambda x_, w_, g_: (lambda y, vjp: (y, *vjp(g_)))(*jax.vjp(
@@ -218,12 +221,13 @@ def test_steps_compile_without_ynnpack_convolutions_and_match_xla(monkeypatch):
   for name, a, b in zip(("y", "dx", "dw"), compiled(*args), _reference(x, w, g, (1, 1), "SAME", (1, 1), 1)):
     _assert_close(np.asarray(a, np.float64), b, 1e-5, name)
   monkeypatch.setenv(conv.ENV_VAR, "xla")
-  assert conv.compiler_options((32, 32, 3)) is None
+  assert conv.compiler_options((32, 32, 3), plain) is None
 
 
 def test_the_train_step_of_32x32_images_compiles_without_ynnpack_convolutions(tiny_config):
   """The options reach the compiled train step, on one device and on a
-  one-device mesh (what ``train.py`` uses), for CIFAR-sized images only."""
+  one-device mesh (what ``train.py`` uses), for CIFAR-sized images only, and
+  not that of MobileNetV3 (depthwise convolutions)."""
   from csq_jax import methods, sharding, train
 
   model = create_model("small_cnn", num_classes=10)
@@ -235,3 +239,9 @@ def test_the_train_step_of_32x32_images_compiles_without_ynnpack_convolutions(ti
       step = train.make_train_step(model, phases[0], methods.get(tiny_config), mesh)
       text = step.lower(state, batch).compile().as_text()
       assert ("convolution" in _ynn_ops(text)) == ynn_convs, (size, mesh)
+  mobilenet = create_model("mobilenet_v3_large", num_classes=10, image_size=32)
+  state, _ = train.init_state(tiny_config, mobilenet, (32, 32, 3), phases[0], jax.random.key(0))
+  batch = {"image": np.zeros((16, 32, 32, 3), np.float32), "label": np.zeros((16,), np.int32)}
+  eval_step = train.make_eval_step(mobilenet, hard=True)
+  text = eval_step.lower(state.params, state.batch_stats, dict(batch, mask=np.ones(16)), 1.0).compile().as_text()
+  assert "convolution" in _ynn_ops(text)
