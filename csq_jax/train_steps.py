@@ -91,7 +91,8 @@ def _on_mesh(fn, mesh, state_args: tuple[int, ...], batch_arg: int, outs=None, d
 
 
 def make_train_step(model, phase: Phase, method, mesh=None) -> Callable:
-  """``(state, batch) -> (state, metrics)``, jitted with the state donated.
+  """``(state, batch) -> (state, metrics)``, jitted with the state donated
+  (and, on a CPU, ``conv.compiler_options``).
 
   The loss is the cross-entropy plus, in the search phase, the method's
   regularizer; the method's ``after_update`` follows the optimizer step.

@@ -224,24 +224,31 @@ def test_steps_compile_without_ynnpack_convolutions_and_match_xla(monkeypatch):
   assert conv.compiler_options((32, 32, 3), plain) is None
 
 
-def test_the_train_step_of_32x32_images_compiles_without_ynnpack_convolutions(tiny_config):
-  """The options reach the compiled train step, on one device and on a
-  one-device mesh (what ``train.py`` uses), for CIFAR-sized images only, and
-  not that of MobileNetV3 (depthwise convolutions)."""
+class _Depthwise(nn.Module):
+  """A 32-channel convolution (one YNNPACK would take) and a depthwise one."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = conv.Conv(32, (3, 3), name="conv0")(x)
+    x = conv.Conv(32, (3, 3), feature_group_count=32, name="conv1")(x)
+    return nn.Dense(10, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+def test_the_train_step_gets_the_options_for_32x32_images_without_grouped_convolutions(tiny_config):
+  """The options reach the compiled train step, on a one-device mesh (what
+  ``train.py`` runs) and without one, for 32x32 images; not for the default
+  job's 8x8 digits, nor for a model with a depthwise convolution."""
   from csq_jax import methods, sharding, train
 
-  model = create_model("small_cnn", num_classes=10)
   phases = train.make_phases(tiny_config, steps_per_epoch=2)
-  for size, ynn_convs in ((32, False), (8, True)):
-    state, _ = train.init_state(tiny_config, model, (size, size, 1), phases[0], jax.random.key(0))
-    batch = {"image": np.zeros((16, size, size, 1), np.float32), "label": np.zeros((16,), np.int32)}
-    for mesh in (None, sharding.make_mesh((("data", -1),))):
-      step = train.make_train_step(model, phases[0], methods.get(tiny_config), mesh)
-      text = step.lower(state, batch).compile().as_text()
-      assert ("convolution" in _ynn_ops(text)) == ynn_convs, (size, mesh)
-  mobilenet = create_model("mobilenet_v3_large", num_classes=10, image_size=32)
-  state, _ = train.init_state(tiny_config, mobilenet, (32, 32, 3), phases[0], jax.random.key(0))
-  batch = {"image": np.zeros((16, 32, 32, 3), np.float32), "label": np.zeros((16,), np.int32)}
-  eval_step = train.make_eval_step(mobilenet, hard=True)
-  text = eval_step.lower(state.params, state.batch_stats, dict(batch, mask=np.ones(16)), 1.0).compile().as_text()
-  assert "convolution" in _ynn_ops(text)
+
+  def ynn_convolutions(model, size, mesh):
+    state, _ = train.init_state(tiny_config, model, (size, size, 3), phases[0], jax.random.key(0))
+    batch = {"image": np.zeros((16, size, size, 3), np.float32), "label": np.zeros((16,), np.int32)}
+    step = train.make_train_step(model, phases[0], methods.get(tiny_config), mesh)
+    return "convolution" in _ynn_ops(step.lower(state, batch).compile().as_text())
+
+  small_cnn = create_model("small_cnn", num_classes=10)
+  assert not ynn_convolutions(small_cnn, 32, sharding.make_mesh((("data", -1),)))
+  assert ynn_convolutions(small_cnn, 8, None)
+  assert ynn_convolutions(_Depthwise(), 32, None)
