@@ -4,6 +4,8 @@ builds its convolutions through it with unchanged parameters."""
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -191,8 +193,6 @@ def test_resnet20_params_and_gradients_equal_with_xla_conv(monkeypatch):
 
 def _ynn_ops(compiled_text: str) -> set[str]:
   """The HLO opcodes inside the YNNPACK library fusions of a compiled program."""
-  import re
-
   called = set(re.findall(r"calls=(%[\w.\-]+)[^\n]*__ynn_fusion", compiled_text))
   blocks = [b for b in compiled_text.split("\n\n") if b.strip().split(" ")[0] in called]
   return {op for b in blocks for op in re.findall(r"\} ([a-z][\w-]*)\(", b)}

@@ -37,20 +37,20 @@ The same rule (a CPU backend, one device, ``auto``), for images of at least
 32x32 pixels and programs without grouped convolutions, gives the jitted steps
 (``train_steps.py``) :func:`compiler_options`: XLA:CPU's YNNPACK library
 fusions keep dots and reductions but leave single convolutions to XLA's own
-(Eigen) kernels (inference graphs of convolutions and batch norms can still
-be fused into YNNPACK, with or without the options). YNNPACK takes every convolution of more than 16 channels by default
-(jaxlib 0.10) and runs each on one thread, where Eigen uses all cores: on the
-2-core machine of the README, ResNet-20's 16x16 32->32 convolution took 7.1 /
-6.4 / 10.5 ms (forward / input grad / weight grad) in YNNPACK and 3.8 / 3.5 /
-6.9 ms in Eigen, and the ResNet-20 CIFAR train step 537 against 440 ms. On the
-default job's 8x8 digits the train steps were no faster (59.0 against 58.7 s
-over 165 epochs) and the float results differed, hence the image-size floor,
-which keeps every digits run bit for bit as it was. Programs with grouped
-(depthwise) convolutions keep YNNPACK's: MobileNetV3-Large's FP step at
-224x224, batch 16, took 5.5 s without them against 4.3 s with them (ResNet-18
-at the same size: 1.40 against 1.60 s). Turning YNNPACK off altogether was no
-better, since its reductions (batch-norm statistics) beat XLA's
-reduce-windows.
+(Eigen) kernels (inference graphs of convolutions and batch norms can still be
+fused into YNNPACK, with or without the options). YNNPACK takes every
+convolution of more than 16 channels by default (jaxlib 0.10) and runs each on
+one thread, where Eigen uses all cores: on the 2-core machine of the README,
+ResNet-20's 16x16 32->32 convolution took 7.1 / 6.4 / 10.5 ms (forward / input
+grad / weight grad) in YNNPACK and 3.8 / 3.5 / 6.9 ms in Eigen, and the
+ResNet-20 CIFAR train step 537 against 440 ms. On the default job's 8x8 digits
+the train steps were no faster (59.0 against 58.7 s over 165 epochs) and the
+float results differed, hence the image-size floor, which keeps every digits
+run bit for bit as it was. Programs with grouped (depthwise) convolutions keep
+YNNPACK's: MobileNetV3-Large's FP step at 224x224, batch 16, took 5.5 s
+without them against 4.3 s with them (ResNet-18 at the same size: 1.40 against
+1.60 s). Turning YNNPACK off altogether was no better, since its reductions
+(batch-norm statistics) beat XLA's reduce-windows.
 
 Knob: the environment variable ``CSQ_JAX_CONV`` is read at trace time (so it
 takes effect for functions traced after it is set): ``auto`` (default) uses
