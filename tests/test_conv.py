@@ -125,6 +125,29 @@ def test_custom_backward_is_used_on_cpu_and_switched_off_by_the_knob(monkeypatch
     grad_jaxpr()
 
 
+@pytest.mark.parametrize("n", [conv._PIECES, 10, 64, 137])
+def test_the_gathered_permutation_of_g_is_the_concatenated_one_of_x(n):
+  """The weight gradient pairs example i of ``x`` with example i of ``g`` only
+  if both get the same permutation, built two ways."""
+  a = jnp.arange(n * 3, dtype=jnp.float32).reshape(n, 3)
+  copied, gathered = np.asarray(conv._batch_reversed(a)), np.asarray(conv._batch_reversed_fusible(a))
+  np.testing.assert_array_equal(copied, gathered)
+  assert not np.array_equal(copied, np.asarray(a))  # a real permutation
+  assert sorted(copied[:, 0].tolist()) == np.asarray(a)[:, 0].tolist()
+
+
+def test_the_weight_gradient_copies_x_once_and_gathers_g_inside_a_fusion():
+  """Compiled on CPU: one concatenation (the copy of ``x``), and the gather
+  that permutes ``g`` sits inside a fusion, not as a copy of its own."""
+  x, w = _operands(4, 6, 3, 1)
+  loss = lambda w_, x_: jnp.sum(jnp.tanh(conv.conv_general_dilated(jnp.maximum(x_, 0), w_, (1, 1), "SAME",
+                                                                   dimension_numbers=DN)) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(jnp.asarray(w, jnp.float32), jnp.asarray(x, jnp.float32)).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  assert hlo.count(" concatenate(") == 1 and " concatenate(" in entry
+  assert " gather(" in hlo and " gather(" not in entry
+
+
 def test_small_batches_and_unsupported_arguments_fall_back_to_xla(monkeypatch):
   monkeypatch.setenv(conv.ENV_VAR, "custom")
   x, w = _operands(4, 6, 3, 1, batch=conv._PIECES - 1)
