@@ -1,7 +1,7 @@
 """The default job: CSQ on scikit-learn's 8x8 digits with a small CNN.
 
 150 CSQ epochs, then 15 epochs with the bit selection frozen (Alg. 1's
-mixed-precision finetune). 1 min 48 s on 2 idle CPU cores (README), with
+mixed-precision finetune). About 2 minutes on 2 idle CPU cores (README), with
 no download. Every knob and its meaning is in csq_jax/configlib.py; this file
 sets what the default job changes. Override any of them on the command line,
 e.g. ``--config.target_bits=2``.
